@@ -1,0 +1,159 @@
+"""What one batched forward computes: which tokens are written where, and what each token attends to.
+
+A forward packs the new tokens of every running session into one row (no padding). Each session contributes
+`Run`s: tokens appended to one block, all seeing the same view. A view lists the blocks a token attends to, in
+view order, with how many of their tokens it sees; the token's own block comes last and is seen causally.
+Everything position-dependent (rotation angles, masks, write indices) is built here once per forward and shared
+by every layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.cache import SessionCache
+from engine.rope import cos_sin
+
+View = tuple[tuple[int, int], ...]  # ((block, visible length), ...) in view order, own block excluded
+
+
+@dataclass(frozen=True)
+class Run:
+    """`token_ids` appended to `block` from position `start`, each token seeing `view` then its own block."""
+
+    block: int
+    start: int
+    token_ids: tuple[int, ...]
+    view: View
+    want_logits: bool = False  # the last token's next-token logits are needed
+
+
+@dataclass
+class GroupPlan:
+    """One session's share of a forward, as tensors on the model's device.
+
+    Invariant: for token i and block b, keys 0..vis[i, b]-1 of b are visible, at view positions off(i, b)+j;
+    the query, rotated by the model at its block-local position, is rotated further by delta[i, b] =
+    off(i, own) - off(i, b) to score block b.
+    """
+
+    rows: slice  # this session's tokens in the packed row
+    cache: SessionCache
+    common_len: int  # keys of block 0 any token sees
+    small_len: int  # keys of any small block any token sees
+    cos: torch.Tensor  # (1 + Bs, 1, 1, n, D)
+    sin: torch.Tensor  # (1 + Bs, 1, 1, n, D)
+    mask: torch.Tensor  # (n, common_len + Bs * small_len) float32: 0 visible, -inf hidden
+    common_rows: torch.Tensor  # (nc,) token index within the group, written to block 0
+    common_pos: torch.Tensor  # (nc,)
+    small_rows: torch.Tensor  # (ns,)
+    small_block: torch.Tensor  # (ns,) small-block index (block - 1)
+    small_pos: torch.Tensor  # (ns,)
+    offset: torch.Tensor  # (n, 1 + Bs) long view offsets, kept on the host for the reference attention
+    vis: torch.Tensor  # (n, 1 + Bs) long
+    own: torch.Tensor  # (n,) long: the block each token is written to
+
+
+@dataclass
+class ForwardPlan:
+    input_ids: torch.Tensor  # (1, N)
+    position_ids: torch.Tensor  # (1, N) block-local positions
+    logit_rows: torch.Tensor  # (K,) packed indices whose logits are returned, in request order
+    groups: list[GroupPlan] = field(default_factory=list)
+    reference: bool = False  # use the slow, obviously-correct attention
+
+
+def _run_tables(run: Run, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token (offset, vis) tables of one run, each (n, num_blocks)."""
+    n = len(run.token_ids)
+    vis = torch.zeros(num_blocks, dtype=torch.long)
+    offset = torch.zeros(num_blocks, dtype=torch.long)
+    position = 0
+    for block, length in run.view:
+        assert block != run.block, "a run's own block is seen causally, last"
+        vis[block], offset[block] = length, position
+        position += length
+    offset[run.block] = position
+    vis = vis.expand(n, -1).clone()
+    vis[:, run.block] = torch.arange(run.start + 1, run.start + n + 1)
+    return offset.expand(n, -1).clone(), vis
+
+
+def build_group(
+    runs: list[Run], cache: SessionCache, rows: slice, inv_freq: torch.Tensor, dtype: torch.dtype
+) -> GroupPlan:
+    """Turns one session's runs into tensors and reserves cache room for the tokens they write."""
+    device = cache.common_k.device
+    tables = [_run_tables(run, cache.num_blocks) for run in runs]
+    offset = torch.cat([t[0] for t in tables])  # (n, B)
+    vis = torch.cat([t[1] for t in tables])  # (n, B)
+    blocks = torch.cat([torch.full((len(r.token_ids),), r.block) for r in runs])  # (n,)
+    own_offset = offset.gather(1, blocks[:, None])  # (n, 1)
+    delta = torch.where(vis > 0, own_offset - offset, 0)  # (n, B)
+    positions = torch.cat([torch.arange(r.start, r.start + len(r.token_ids)) for r in runs])
+    for run in runs:
+        end = run.start + len(run.token_ids)
+        cache.reserve(run.block, end)
+        cache.lengths[run.block] = max(cache.lengths[run.block], end)
+    common_len = int(vis[:, 0].max())
+    small_len = int(vis[:, 1:].max()) if vis.shape[1] > 1 else 0
+    cos, sin = cos_sin(delta.T.to(device), inv_freq, dtype)  # (B, n, D)
+    mask = _mask(vis, common_len, small_len).to(device)
+    is_common = blocks == 0
+    as_device = lambda t: t.to(device)  # noqa: E731
+    return GroupPlan(
+        rows=rows,
+        cache=cache,
+        common_len=common_len,
+        small_len=small_len,
+        cos=cos[:, None, None],
+        sin=sin[:, None, None],
+        mask=mask,
+        common_rows=as_device(is_common.nonzero().flatten()),
+        common_pos=as_device(positions[is_common]),
+        small_rows=as_device((~is_common).nonzero().flatten()),
+        small_block=as_device(blocks[~is_common] - 1),
+        small_pos=as_device(positions[~is_common]),
+        offset=offset,
+        vis=vis,
+        own=blocks,
+    )
+
+
+def _mask(vis: torch.Tensor, common_len: int, small_len: int) -> torch.Tensor:
+    """(n, common_len + Bs * small_len) additive mask from visible lengths."""
+    common = torch.arange(common_len)[None] < vis[:, :1]  # (n, Lc)
+    small = torch.arange(small_len)[None, None] < vis[:, 1:, None]  # (n, Bs, S)
+    visible = torch.cat([common, small.flatten(1)], dim=1)
+    return torch.zeros(visible.shape).masked_fill_(~visible, float("-inf"))
+
+
+def build_forward(
+    session_runs: list[tuple[SessionCache, list[Run]]],
+    inv_freq: torch.Tensor,
+    dtype: torch.dtype,
+    reference: bool = False,
+) -> ForwardPlan:
+    """Packs every session's runs into one row. logit_rows follow the order of runs with want_logits."""
+    token_ids: list[int] = []
+    positions: list[int] = []
+    logit_rows: list[int] = []
+    groups: list[GroupPlan] = []
+    for cache, runs in session_runs:
+        first = len(token_ids)
+        for run in runs:
+            token_ids.extend(run.token_ids)
+            positions.extend(range(run.start, run.start + len(run.token_ids)))
+            if run.want_logits:
+                logit_rows.append(len(token_ids) - 1)
+        groups.append(build_group(runs, cache, slice(first, len(token_ids)), inv_freq, dtype))
+    device = groups[0].cache.common_k.device
+    return ForwardPlan(
+        input_ids=torch.tensor([token_ids], device=device),
+        position_ids=torch.tensor([positions], device=device),
+        logit_rows=torch.tensor(logit_rows, device=device, dtype=torch.long),
+        groups=groups,
+        reference=reference,
+    )
