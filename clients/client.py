@@ -1,0 +1,299 @@
+"""Python clients for a hogwild server: `HogwildClient` (blocking) and `AsyncHogwildClient` (asyncio), on httpx.
+
+Both speak the same protocol: `complete()` returns a whole `Completion`; `stream()` returns the session's
+`StreamEvent`s as they are generated. The request of a stream is sent when iteration starts; closing the stream
+(leaving its `with` block, or breaking out of the loop and closing it) closes the connection, and the server
+cancels the session. Errors are `HogwildAPIError` (the server said no) or `HogwildConnectionError` (no answer).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator
+from contextlib import contextmanager
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import httpx
+
+from clients.errors import HogwildAPIError, HogwildClientError, HogwildConnectionError
+from clients.results import Completion, StreamEvent
+from clients.sse import DONE, SSEParser
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+COMPLETIONS_PATH = "/v1/hogwild/completions"
+DEFAULT_URL = "http://127.0.0.1:8000"
+DEFAULT_TIMEOUT_S = 600.0  # a non-stream session on a CPU can take minutes before its first byte
+CONNECT_TIMEOUT_S = 10.0
+OPTION_NAMES = frozenset(
+    {
+        "workers",
+        "worker_names",
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "seed",
+        "redundancy_check_every",
+        "final_answer",
+        "model",
+        "return_views",
+    }
+)
+
+
+class EventStream:
+    """The events of one streamed session. Iterate it; close it (or use it in `with`) to stop the session early."""
+
+    def __init__(self, events: Generator[StreamEvent, None, None]) -> None:
+        self._events = events
+
+    def __iter__(self) -> Iterator[StreamEvent]:
+        return self
+
+    def __next__(self) -> StreamEvent:
+        return next(self._events)
+
+    def close(self) -> None:
+        self._events.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class AsyncEventStream:
+    """The asyncio twin of `EventStream`: `async for` over it; `aclose()` or `async with` stops the session."""
+
+    def __init__(self, events: AsyncGenerator[StreamEvent, None]) -> None:
+        self._events = events
+
+    def __aiter__(self) -> AsyncIterator[StreamEvent]:
+        return self
+
+    async def __anext__(self) -> StreamEvent:
+        return await self._events.__anext__()
+
+    async def aclose(self) -> None:
+        await self._events.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
+class HogwildClient:
+    """A blocking client. Options of `complete`/`stream` are the request fields of the protocol (workers,
+    worker_names, max_tokens, temperature, top_p, top_k, seed, redundancy_check_every, final_answer, model,
+    return_views); options left out or None take the server's defaults. `transport` is for tests."""
+
+    def __init__(
+        self,
+        base_url: str = DEFAULT_URL,
+        api_key: str | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT_S,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._http = httpx.Client(
+            base_url=self.base_url, headers=_headers(api_key), timeout=_timeout(timeout), transport=transport
+        )
+
+    def complete(self, prompt: str, **options: Any) -> Completion:
+        """Runs one session to its end and returns all workers' texts, the transcript and the answer."""
+        with _transport_errors(self.base_url):
+            response = self._http.post(COMPLETIONS_PATH, json=request_body(prompt, options, stream=False))
+        _raise_for_status(response)
+        return Completion.from_json(response.json())
+
+    def stream(self, prompt: str, *, include_usage: bool = False, **options: Any) -> EventStream:
+        """Streams the session's events; with include_usage the last event has kind "usage"."""
+        body = request_body(prompt, options, stream=True, include_usage=include_usage)
+        return EventStream(self._events(body))
+
+    def health(self) -> dict[str, Any]:
+        """GET /health; raises HogwildAPIError(503) while the model loads or the engine is down."""
+        return self._get_json("/health")
+
+    def models(self) -> list[str]:
+        """The ids of the served models (one)."""
+        return [m["id"] for m in self._get_json("/v1/models")["data"]]
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def _get_json(self, path: str) -> dict[str, Any]:
+        with _transport_errors(self.base_url):
+            response = self._http.get(path)
+        _raise_for_status(response)
+        return response.json()
+
+    def _events(self, body: dict[str, Any]) -> Generator[StreamEvent, None, None]:
+        with _transport_errors(self.base_url), self._http.stream("POST", COMPLETIONS_PATH, json=body) as response:
+            if response.status_code >= 400:
+                response.read()
+                _raise_for_status(response)
+            parser = SSEParser()
+            for chunk in response.iter_bytes():
+                for payload in parser.feed(chunk):
+                    event = decode_event(payload)
+                    if event is None:
+                        return
+                    yield event
+        raise HogwildConnectionError("the server closed the stream before data: [DONE]")
+
+
+class AsyncHogwildClient:
+    """The asyncio twin of `HogwildClient`, with the same options and errors."""
+
+    def __init__(
+        self,
+        base_url: str = DEFAULT_URL,
+        api_key: str | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT_S,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url, headers=_headers(api_key), timeout=_timeout(timeout), transport=transport
+        )
+
+    async def complete(self, prompt: str, **options: Any) -> Completion:
+        """Runs one session to its end and returns all workers' texts, the transcript and the answer."""
+        with _transport_errors(self.base_url):
+            response = await self._http.post(COMPLETIONS_PATH, json=request_body(prompt, options, stream=False))
+        _raise_for_status(response)
+        return Completion.from_json(response.json())
+
+    def stream(self, prompt: str, *, include_usage: bool = False, **options: Any) -> AsyncEventStream:
+        """Streams the session's events; with include_usage the last event has kind "usage"."""
+        body = request_body(prompt, options, stream=True, include_usage=include_usage)
+        return AsyncEventStream(self._events(body))
+
+    async def health(self) -> dict[str, Any]:
+        """GET /health; raises HogwildAPIError(503) while the model loads or the engine is down."""
+        return await self._get_json("/health")
+
+    async def models(self) -> list[str]:
+        """The ids of the served models (one)."""
+        return [m["id"] for m in (await self._get_json("/v1/models"))["data"]]
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def _get_json(self, path: str) -> dict[str, Any]:
+        with _transport_errors(self.base_url):
+            response = await self._http.get(path)
+        _raise_for_status(response)
+        return response.json()
+
+    async def _events(self, body: dict[str, Any]) -> AsyncGenerator[StreamEvent, None]:
+        with _transport_errors(self.base_url):
+            async with self._http.stream("POST", COMPLETIONS_PATH, json=body) as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    _raise_for_status(response)
+                parser = SSEParser()
+                async for chunk in response.aiter_bytes():
+                    for payload in parser.feed(chunk):
+                        event = decode_event(payload)
+                        if event is None:
+                            return
+                        yield event
+        raise HogwildConnectionError("the server closed the stream before data: [DONE]")
+
+
+def request_body(prompt: str, options: dict[str, Any], *, stream: bool, include_usage: bool = False) -> dict[str, Any]:
+    """The JSON body of a completion request; unknown option names are a TypeError (a typo, not a server error)."""
+    unknown = sorted(set(options) - OPTION_NAMES)
+    if unknown:
+        raise TypeError(f"unknown option(s): {', '.join(unknown)}; known: {', '.join(sorted(OPTION_NAMES))}")
+    body: dict[str, Any] = {"prompt": prompt, "stream": stream}
+    body.update({name: value for name, value in options.items() if value is not None})
+    if stream and include_usage:
+        body["stream_options"] = {"include_usage": True}
+    return body
+
+
+def decode_event(payload: str) -> StreamEvent | None:
+    """The event of one SSE data payload; None for `[DONE]`. An error event raises HogwildAPIError(status None)."""
+    if payload == DONE:
+        return None
+    try:
+        chunk = json.loads(payload)
+    except json.JSONDecodeError as exc:
+        raise HogwildClientError(f"the server sent an event that is not JSON: {payload[:200]!r}") from exc
+    if "error" in chunk:
+        raise _error_from_body(None, chunk, "the server reported an error during the stream")
+    return StreamEvent.from_chunk(chunk)
+
+
+def _raise_for_status(response: httpx.Response) -> None:
+    if response.status_code < 400:
+        return
+    try:
+        body = response.json()
+    except ValueError:
+        body = {}
+    fallback = response.text.strip()[:500] or response.reason_phrase or "request failed"
+    error = _error_from_body(response.status_code, body if isinstance(body, dict) else {}, fallback)
+    error.retry_after = _retry_after(response.headers.get("retry-after"))
+    raise error
+
+
+def _error_from_body(status: int | None, body: dict[str, Any], fallback: str) -> HogwildAPIError:
+    """Reads the OpenAI error shape {"error": {...}}; FastAPI's {"detail": "..."} and plain text also work."""
+    error = body.get("error")
+    if isinstance(error, dict):
+        return HogwildAPIError(
+            status, str(error.get("message") or fallback), error.get("type"), error.get("param"), error.get("code")
+        )
+    detail = body.get("detail")
+    return HogwildAPIError(status, detail if isinstance(detail, str) else fallback)
+
+
+def _retry_after(value: str | None) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+@contextmanager
+def _transport_errors(base_url: str) -> Iterator[None]:
+    """Turns httpx's transport failures (refused, timed out, cut off) into HogwildConnectionError."""
+    try:
+        yield
+    except httpx.TransportError as exc:
+        detail = str(exc) or type(exc).__name__
+        raise HogwildConnectionError(f"cannot talk to {base_url}: {detail}") from exc
+
+
+def _headers(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def _timeout(seconds: float | None) -> httpx.Timeout:
+    return httpx.Timeout(seconds, connect=CONNECT_TIMEOUT_S if seconds is None else min(seconds, CONNECT_TIMEOUT_S))
