@@ -1,0 +1,235 @@
+"""The Python client: SSE parsing on split input, typed events and errors, against mock transports and a live
+server with a tiny model."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from clients import (
+    AsyncHogwildClient,
+    HogwildAPIError,
+    HogwildClient,
+    HogwildConnectionError,
+    StreamEvent,
+    group_by_worker,
+    worker_texts,
+)
+from clients.sse import SSEParser
+
+
+def chunk(worker: int, kind: str, text: str = "", **hogwild: object) -> dict:
+    """A stream chunk in the protocol's shape."""
+    names = ["Alice", "Bob", "Carol"]
+    return {
+        "id": "cmpl-1",
+        "object": "text_completion",
+        "created": 1,
+        "model": "tiny",
+        "choices": [{"index": worker, "text": text, "logprobs": None, "finish_reason": hogwild.pop("finish", None)}],
+        "hogwild": {"worker": worker, "name": names[worker], "step": 1, "kind": kind, **hogwild},
+    }
+
+
+USAGE = {
+    "prompt_tokens": 5,
+    "completion_tokens": 3,
+    "total_tokens": 8,
+    "completion_tokens_per_worker": [2, 1],
+    "steps_per_worker": [1, 0],
+}
+SESSION = [
+    chunk(0, "inserted", "**Alice [1]:** ", token_ids=[1, 2], reason="header"),
+    chunk(1, "inserted", "**Bob [1]:** ", token_ids=[3], reason="header"),
+    chunk(0, "token", "Hé", token_ids=[4]),
+    chunk(1, "token", "x", token_ids=[5]),
+    chunk(0, "token", ".\n\n", token_ids=[6]),
+    chunk(0, "step_end", step_text="**Alice [1]:** Hé.\n\n"),
+    chunk(0, "answer", answer="42"),
+    chunk(0, "finish", finish="stop"),
+    chunk(1, "finish", finish="length"),
+    {"id": "cmpl-1", "object": "text_completion", "created": 1, "model": "tiny", "choices": [], "usage": USAGE},
+]
+
+
+def sse_bytes(chunks: list[dict], *, done: bool = True) -> bytes:
+    body = ": ping\r\n\r\n" + "".join(f"data: {json.dumps(c, ensure_ascii=False)}\r\n\r\n" for c in chunks)
+    return (body + ("data: [DONE]\r\n\r\n" if done else "")).encode()
+
+
+def pieces(data: bytes, size: int) -> list[bytes]:
+    return [data[i : i + size] for i in range(0, len(data), size)]
+
+
+def test_sse_parser_reassembles_events_split_anywhere() -> None:
+    data = sse_bytes(SESSION)
+    expected = [json.dumps(c, ensure_ascii=False) for c in SESSION] + ["[DONE]"]
+    for size in (1, 2, 3, 7, 64, len(data)):
+        parser = SSEParser()
+        payloads = [p for piece in pieces(data, size) for p in parser.feed(piece)]
+        assert payloads == expected, f"pieces of {size} bytes"
+
+
+def test_sse_parser_handles_line_endings_comments_and_multiline_data() -> None:
+    parser = SSEParser()
+    out = parser.feed(b": keep-alive\n\nevent: x\nid: 3\ndata: a\ndata:b\r\rdata: c\r")
+    assert out == ["a\nb"], "the \\r after 'data: c' may be half of a \\r\\n"
+    assert parser.feed(b"\n") == []
+    assert parser.feed(b"\n: only a comment\n\n") == ["c"]
+    assert parser.feed(b"data: unfinished") == [], "an event is dispatched only at its blank line"
+
+
+def test_sse_parser_keeps_a_multibyte_character_split_across_reads() -> None:
+    data = "data: 漢\n\n".encode()
+    parser = SSEParser()
+    assert parser.feed(data[:7]) == []
+    assert parser.feed(data[7:]) == ["漢"]
+
+
+def streaming_transport(data: bytes, size: int) -> httpx.MockTransport:
+    def handler(request: httpx.Request) -> httpx.Response:
+        assert json.loads(request.content)["stream"] is True
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=iter(pieces(data, size)))
+
+    return httpx.MockTransport(handler)
+
+
+def test_stream_yields_typed_events_from_tiny_reads() -> None:
+    client = HogwildClient("http://test", transport=streaming_transport(sse_bytes(SESSION), 5))
+    events = list(client.stream("task", include_usage=True, workers=2))
+    assert [e.kind for e in events] == [
+        "inserted",
+        "inserted",
+        "token",
+        "token",
+        "token",
+        "step_end",
+        "answer",
+        "finish",
+        "finish",
+        "usage",
+    ]
+    assert events[0] == StreamEvent(
+        kind="inserted", worker=0, name="Alice", step=1, text="**Alice [1]:** ", token_ids=(1, 2), reason="header"
+    )
+    assert events[5].step_text == "**Alice [1]:** Hé.\n\n" and events[6].answer == "42"
+    assert [e.finish_reason for e in events[7:9]] == ["stop", "length"]
+    assert events[-1].worker is None and events[-1].usage is not None
+    assert events[-1].usage.completion_tokens_per_worker == (2, 1)
+    assert worker_texts(events) == {0: "**Alice [1]:** Hé.\n\n", 1: "**Bob [1]:** x"}
+    assert [len(group) for group in group_by_worker(events).values()] == [6, 3]
+
+
+def test_async_stream_yields_the_same_events() -> None:
+    data = sse_bytes(SESSION)
+
+    async def body() -> AsyncIterator[bytes]:
+        for piece in pieces(data, 3):
+            yield piece
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=body())
+
+    async def run() -> list[StreamEvent]:
+        async with AsyncHogwildClient("http://test", transport=httpx.MockTransport(handler)) as client:
+            return [event async for event in client.stream("task", include_usage=True)]
+
+    sync_events = list(HogwildClient("http://test", transport=streaming_transport(data, 64)).stream("task"))
+    assert asyncio.run(run()) == sync_events
+
+
+def test_error_event_inside_the_stream_raises_a_typed_error() -> None:
+    error = {"error": {"message": "engine failed", "type": "server_error", "param": None, "code": "engine_error"}}
+    data = sse_bytes(SESSION[:2]).replace(b"data: [DONE]\r\n\r\n", b"") + sse_bytes([error])
+    client = HogwildClient("http://test", transport=streaming_transport(data, 11))
+    seen: list[StreamEvent] = []
+    with pytest.raises(HogwildAPIError) as raised:
+        for event in client.stream("task"):
+            seen.append(event)
+    assert len(seen) == 2
+    assert (raised.value.status, raised.value.message, raised.value.code) == (None, "engine failed", "engine_error")
+
+
+def test_a_stream_cut_before_done_is_a_connection_error() -> None:
+    client = HogwildClient("http://test", transport=streaming_transport(sse_bytes(SESSION[:3], done=False), 50))
+    with pytest.raises(HogwildConnectionError, match=r"before data: \[DONE\]"):
+        list(client.stream("task"))
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "headers", "expected"),
+    [
+        (
+            400,
+            {
+                "error": {
+                    "message": "workers must be between 1 and 8",
+                    "type": "invalid_request_error",
+                    "param": "workers",
+                    "code": "invalid_request",
+                }
+            },
+            {},
+            ("workers must be between 1 and 8", "workers", None),
+        ),
+        (
+            503,
+            {"error": {"message": "queue full", "type": "server_error", "param": None, "code": "queue_full"}},
+            {"retry-after": "2"},
+            ("queue full", None, 2.0),
+        ),
+        (502, "Bad Gateway from a proxy", {}, ("Bad Gateway from a proxy", None, None)),
+    ],
+)
+def test_http_errors_carry_the_servers_message(status: int, body: object, headers: dict, expected: tuple) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        if isinstance(body, dict):
+            return httpx.Response(status, json=body, headers=headers)
+        return httpx.Response(status, text=str(body), headers=headers)
+
+    client = HogwildClient("http://test", transport=httpx.MockTransport(handler))
+    for call in (lambda: client.complete("task"), lambda: list(client.stream("task"))):
+        with pytest.raises(HogwildAPIError) as raised:
+            call()
+        error = raised.value
+        assert (error.status, error.message, error.param, error.retry_after) == (status, *expected)
+
+
+def test_unknown_option_is_a_type_error_before_any_request() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise AssertionError("no request must be sent")
+
+    client = HogwildClient("http://test", transport=httpx.MockTransport(handler))
+    with pytest.raises(TypeError, match="worker"):
+        client.complete("task", worker=3)
+
+
+def test_unreachable_server_is_a_connection_error() -> None:
+    client = HogwildClient("http://127.0.0.1:9", timeout=2)
+    with pytest.raises(HogwildConnectionError, match="cannot talk to http://127.0.0.1:9"):
+        client.complete("task")
+
+
+def test_request_body_sends_only_given_options_and_the_api_key() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, content=sse_bytes([]), headers={"content-type": "text/event-stream"})
+
+    client = HogwildClient("http://test/", api_key="k1", transport=httpx.MockTransport(handler))
+    assert list(client.stream("solve", include_usage=True, workers=3, seed=None, temperature=0)) == []
+    body = json.loads(seen[0].content)
+    assert body == {
+        "prompt": "solve",
+        "stream": True,
+        "workers": 3,
+        "temperature": 0,
+        "stream_options": {"include_usage": True},
+    }
+    assert seen[0].headers["authorization"] == "Bearer k1"
+    assert seen[0].url == "http://test/v1/hogwild/completions"
