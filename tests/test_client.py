@@ -146,11 +146,10 @@ def test_error_event_inside_the_stream_raises_a_typed_error() -> None:
     error = {"error": {"message": "engine failed", "type": "server_error", "param": None, "code": "engine_error"}}
     data = sse_bytes(SESSION[:2]).replace(b"data: [DONE]\r\n\r\n", b"") + sse_bytes([error])
     client = HogwildClient("http://test", transport=streaming_transport(data, 11))
-    seen: list[StreamEvent] = []
+    stream = client.stream("task")
+    assert [next(stream).kind, next(stream).kind] == ["inserted", "inserted"], "events before the error arrive"
     with pytest.raises(HogwildAPIError) as raised:
-        for event in client.stream("task"):
-            seen.append(event)
-    assert len(seen) == 2
+        next(stream)
     assert (raised.value.status, raised.value.message, raised.value.code) == (None, "engine failed", "engine_error")
 
 
