@@ -1,7 +1,7 @@
 """The container files: Dockerfile, .dockerignore and docker/compose.yaml.
 
 No Docker engine runs in the test environment, so the files are checked statically against the project they
-package (pyproject.toml, the Makefile's model pin, the settings the service reads), and the commands they embed
+package (pyproject.toml, the Makefile's model pin, the service's Settings), and the commands they embed
 (health checks, dependency extraction) are executed here against a stub server or the repository's own files.
 """
 
@@ -29,28 +29,22 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.version import Version
 
+from service.settings import ENV_PREFIX, Settings
+
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker" / "compose.yaml"
 MIN_START_PERIOD_S = 300  # loading or downloading a large model takes minutes before /health turns 200
 CONTAINER_PORT = "8000"
 
-# Variables the service and the libraries under it read, besides its own HOGWILD_* settings.
+# Variables read by the libraries under the service and by pip at build time.
 LIBRARY_ENV = {"HF_HOME", "HF_TOKEN", "PYTHONUNBUFFERED", "PIP_NO_CACHE_DIR", "PIP_DISABLE_PIP_VERSION_CHECK"}
-# HOGWILD_* variables the service reads: its settings (service/settings.py) and the model cache (engine).
-SERVICE_ENV = {
-    "HOGWILD_MODEL",
-    "HOGWILD_DEVICE",
-    "HOGWILD_DTYPE",
-    "HOGWILD_HOST",
-    "HOGWILD_PORT",
-    "HOGWILD_API_KEY",
-    "HOGWILD_MAX_WORKERS",
-    "HOGWILD_MAX_TOKENS",
-    "HOGWILD_MAX_SESSIONS",
-    "HOGWILD_MAX_QUEUED",
-    "HOGWILD_CORS_ORIGINS",
-    "HOGWILD_CACHE_DIR",
-}
+CACHE_DIR_ENV = "HOGWILD_CACHE_DIR"  # read by engine.default_model, not a service setting
+FIXED_IN_IMAGE = {"HOGWILD_HOST", "HOGWILD_PORT"}  # the container's side of the published port
+
+
+def setting_names() -> set[str]:
+    """The environment variable of every service setting."""
+    return {ENV_PREFIX + name.upper() for name in Settings.model_fields}
 
 
 def dockerfile_instructions() -> list[tuple[str, str]]:
@@ -276,7 +270,7 @@ def test_model_caches_live_on_a_volume_the_user_owns() -> None:
 
 def test_dockerignore_keeps_local_state_out_and_sources_in() -> None:
     patterns = [p for p in (ROOT / ".dockerignore").read_text().splitlines() if p and not p.startswith("#")]
-    for required in (".git", ".venv", "**/__pycache__", ".pytest_cache", "tests/artifacts"):
+    for required in (".git", ".venv", "**/.env", "**/__pycache__", ".pytest_cache", "tests/artifacts"):
         assert required in patterns
 
     def ignored(relative: str) -> bool:
@@ -288,7 +282,7 @@ def test_dockerignore_keeps_local_state_out_and_sources_in() -> None:
             for prefix in prefixes
         )
 
-    assert ignored(".venv/bin/python") and ignored("engine/__pycache__/x.pyc") and ignored("tests/artifacts/a.png")
+    assert ignored(".venv/bin/python") and ignored("engine/__pycache__/x.pyc") and ignored("docker/.env")
     copied = [args.split()[0] for args in args_of("COPY")]
     files = [f for c in copied for f in [ROOT / c, *(ROOT / c).rglob("*")] if "__pycache__" not in f.parts]
     sources = [str(f.relative_to(ROOT)) for f in files if f.is_file()]
@@ -328,8 +322,44 @@ def test_environment_names_are_ones_the_service_reads() -> None:
     names = set(dockerfile_env())
     for service in compose()["services"]:
         names |= set(service_env(service))
-    unknown = names - SERVICE_ENV - LIBRARY_ENV
+    unknown = names - setting_names() - LIBRARY_ENV - {CACHE_DIR_ENV}
     assert not unknown, f"variables nothing reads: {sorted(unknown)}"
+
+
+@pytest.mark.parametrize("service", ["hogwild", "hogwild-cpu"])
+def test_every_setting_but_the_listening_address_passes_through(service: str) -> None:
+    missing = setting_names() - FIXED_IN_IMAGE - set(service_env(service))
+    assert not missing, f"{service} cannot be configured with {sorted(missing)}"
+
+
+def container_env(service: str, host_env: dict[str, str]) -> dict[str, str]:
+    """What the service's process sees: the image's ENV, then compose's environment resolved against the host."""
+    env = dockerfile_env()
+    for key, value in service_env(service, host_env).items():
+        if value is not None:
+            env[key] = value
+        elif key in host_env:
+            env[key] = host_env[key]
+    return env
+
+
+@pytest.mark.parametrize(("service", "device"), [("hogwild", "cuda"), ("hogwild-cpu", "cpu")])
+def test_container_environment_gives_valid_settings(service: str, device: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in [k for k in os.environ if k.startswith(ENV_PREFIX)]:
+        monkeypatch.delenv(key)
+    host_env = {
+        "HOGWILD_API_KEY": "secret",
+        "HOGWILD_MAX_WORKERS": "4",
+        "HOGWILD_CORS_ORIGINS": "https://a.example",
+        "HOGWILD_DTYPE": "",
+    }
+    for key, value in container_env(service, host_env).items():
+        monkeypatch.setenv(key, value)
+    settings = Settings()
+    assert (settings.host, settings.port, settings.model, settings.device) == ("0.0.0.0", 8000, "default", device)
+    assert settings.api_key is not None and settings.api_key.get_secret_value() == "secret"
+    assert settings.max_workers == 4 and settings.cors_origins == ["https://a.example"]
+    assert settings.dtype is None, "a variable left empty in .env counts as unset"
 
 
 def compose_v2() -> list[str] | None:
@@ -359,4 +389,5 @@ def test_compose_renders_both_services_with_docker_compose() -> None:
     services = json.loads(render("--profile", "cpu", "config", "--format", "json"))["services"]
     assert services["hogwild"]["environment"]["HOGWILD_MODEL"] == "default"
     assert services["hogwild-cpu"]["environment"]["HOGWILD_DEVICE"] == "cpu"
+    assert services["hogwild"]["environment"]["HOGWILD_API_KEY"] is None, "unset on the host: left out"
     assert services["hogwild"]["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
