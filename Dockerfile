@@ -13,7 +13,8 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# The server runs as this user; /cache is the only place it writes (converted default model, hub downloads).
+# The server runs as this user; USER names its uid so that runtimes can verify it is not root.
+# /cache is the only place it writes: the converted default model and hub downloads.
 RUN useradd --create-home --uid 10001 --user-group --shell /usr/sbin/nologin hogwild \
     && mkdir -p /cache/huggingface \
     && chown -R hogwild:hogwild /cache
@@ -43,13 +44,13 @@ ENV HOGWILD_HOST=0.0.0.0 \
     HOGWILD_CACHE_DIR=/cache \
     HF_HOME=/cache/huggingface
 
-USER hogwild
+USER 10001
 WORKDIR /home/hogwild
 VOLUME ["/cache"]
 EXPOSE 8000
 
 # /health answers 503 until the model is loaded; loading (or downloading) a large model takes minutes.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=10m --retries=3 \
-    CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('HOGWILD_PORT', '8000') + '/health', timeout=4)"
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('HOGWILD_PORT', '8000') + '/health', timeout=4)"]
 
 CMD ["hogwild", "serve"]
