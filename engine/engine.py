@@ -1,0 +1,188 @@
+"""The engine: running sessions advance together, one batched forward per step, over their shared caches.
+
+    def step(self):
+        runs = session.runs() for every session      # what each worker feeds, in which view
+        logits = self._forward(plan of all runs)     # one packed forward, no padding
+        token_ids = sample(logits, ...)              # one token per worker that fed something
+        session.commit(token_ids)                    # step ends, answers, budget -> events
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import uuid
+from collections.abc import Callable, Iterator
+
+import torch
+
+from engine import prompts
+from engine.cache import SessionCache
+from engine.config import EngineConfig, SamplingParams, SessionRequest
+from engine.errors import CapacityError, ContextLengthError, InvalidRequestError
+from engine.events import ErrorEvent, Event
+from engine.model import LoadedModel, load_model
+from engine.plan import build_forward
+from engine.sampling import make_generator, sample
+from engine.session import FINISHER_MAX_TOKENS, Session
+
+log = logging.getLogger(__name__)
+
+GREEDY = SamplingParams(temperature=0.0)
+ASSUMED_MIN_STEP_TOKENS = 32  # the context check allows one step header per this many sampled tokens
+
+
+class Engine:
+    def __init__(self, model: LoadedModel, config: EngineConfig | None = None) -> None:
+        self.model = model
+        self.config = config or EngineConfig()
+        self.reference_attention = False  # the slow twin, for tests
+        self._sessions: dict[str, Session] = {}
+        self._generators: dict[str, torch.Generator] = {}
+        self._reserved: dict[str, int] = {}
+
+    @classmethod
+    def load(cls, config: EngineConfig, progress: Callable[[str], None] | None = None) -> Engine:
+        config.validate()
+        return cls(load_model(config, progress), config)
+
+    @property
+    def model_name(self) -> str:
+        return self.model.name
+
+    @property
+    def context_length(self) -> int:
+        return self.model.context_length
+
+    @property
+    def num_running(self) -> int:
+        return len(self._sessions)
+
+    @property
+    def reserved_tokens(self) -> int:
+        """KV tokens the running sessions may reach together (what admission control counts)."""
+        return sum(self._reserved.values())
+
+    @property
+    def cache_bytes(self) -> int:
+        return sum(s.cache.nbytes for s in self._sessions.values())
+
+    # ---- admission ----------------------------------------------------------------------------------------
+
+    def check(self, request: SessionRequest) -> int:
+        """Every check possible before work starts; returns the prompt's token count."""
+        request.validate(self.config.max_workers, self.config.max_tokens)
+        prompt_ids = self._prompt_ids(request)
+        longest = self.longest_view_bound(request, len(prompt_ids))
+        if longest > self.context_length:
+            raise ContextLengthError(
+                f"this session could reach {longest} tokens (prompt {len(prompt_ids)} + {request.num_workers} "
+                f"workers x {request.max_tokens} tokens + step headers), more than the model's context of "
+                f"{self.context_length}; shorten the prompt or lower max_tokens or workers",
+                "max_tokens",
+            )
+        return len(prompt_ids)
+
+    def add_session(self, session_id: str, request: SessionRequest) -> None:
+        """Checks and admits a session; it is prefilled on the next step."""
+        if session_id in self._sessions:
+            raise InvalidRequestError(f"session '{session_id}' already exists")
+        self.check(request)
+        if len(self._sessions) >= self.config.max_sessions:
+            raise CapacityError(f"{self.config.max_sessions} sessions are already running")
+        prompt_ids = self._prompt_ids(request)
+        reserve = self.longest_view_bound(request, len(prompt_ids))
+        budget = self.config.cache_budget_tokens
+        if budget and self.reserved_tokens + reserve > budget:
+            raise CapacityError(f"the KV cache budget of {budget} tokens is taken by running sessions")
+        m = self.model
+        cache = SessionCache(
+            m.num_layers, m.num_kv_heads, m.head_dim, request.num_workers + 2, m.dtype, m.device,
+            common_capacity=len(prompt_ids) + 1,
+        )
+        self._sessions[session_id] = Session(session_id, request, prompt_ids, m, cache)
+        self._generators[session_id] = make_generator(request.sampling.seed)
+        self._reserved[session_id] = reserve
+
+    def cancel(self, session_id: str) -> bool:
+        """Drops a session and its cache at once; it yields no more events."""
+        self._generators.pop(session_id, None)
+        self._reserved.pop(session_id, None)
+        return self._sessions.pop(session_id, None) is not None
+
+    def longest_view_bound(self, request: SessionRequest, prompt_tokens: int) -> int:
+        """Tokens the longest view can reach: prompt, labels, every worker's budget and what the engine inserts."""
+        encode = lambda text: len(self.model.tokenizer.encode(text, add_special_tokens=False))  # noqa: E731
+        workers, budget = request.num_workers, request.max_tokens
+        labels = encode(prompts.OTHERS_LABEL) + encode(prompts.OWN_LABEL)
+        headers = sum(
+            encode(prompts.first_step(name, i)) + encode(prompts.step_header(name, budget)) *
+            math.ceil(budget / ASSUMED_MIN_STEP_TOKENS)
+            for i, name in enumerate(request.names)
+        )
+        checks = 0
+        if request.redundancy_check_every:
+            checks = encode(prompts.REDUNDANCY_CHECK) * math.ceil(workers * budget / request.redundancy_check_every)
+        finisher = encode(prompts.FINISHER) + FINISHER_MAX_TOKENS if request.final_answer else 0
+        return prompt_tokens + labels + headers + workers * budget + checks + finisher
+
+    def _prompt_ids(self, request: SessionRequest) -> list[int]:
+        text = prompts.ChatPrompt.build(self.model.tokenizer, request.names, request.prompt).text
+        return self.model.tokenizer.encode(text, add_special_tokens=False)
+
+    # ---- the loop -----------------------------------------------------------------------------------------
+
+    def step(self) -> list[tuple[str, Event]]:
+        """One batched forward over every running session; returns (session id, event) in generation order."""
+        batch = [(session, session.runs()) for session in list(self._sessions.values())]
+        active = [(session, runs) for session, runs in batch if runs]
+        if active:
+            try:
+                self._advance(active)
+            except Exception as exc:  # a fault in the forward fails the sessions in it, not the engine
+                log.exception("forward failed")
+                return self._fail([session for session, _ in active], exc)
+        events = [(session.id, event) for session, _ in batch for event in session.take_events()]
+        for session, _ in batch:
+            if session.done:
+                self.cancel(session.id)
+        return events
+
+    def _advance(self, active: list[tuple[Session, list]]) -> None:
+        m = self.model
+        plan = build_forward([(s.cache, runs) for s, runs in active], m.inv_freq, m.dtype, self.reference_attention)
+        with torch.inference_mode():
+            output = m.model(
+                input_ids=plan.input_ids,
+                position_ids=plan.position_ids,
+                logits_to_keep=plan.logit_rows,
+                use_cache=False,
+                hogwild=plan,
+                inv_freq=m.inv_freq,
+            )
+        logits = output.logits[0]  # (K, V): one row per run that wants logits, in order
+        row = 0
+        for session, runs in active:
+            count = sum(run.want_logits for run in runs)
+            params = GREEDY if session.is_finishing else session.request.sampling
+            session.commit(sample(logits[row : row + count], params, self._generators[session.id]))
+            row += count
+
+    def _fail(self, sessions: list[Session], exc: Exception) -> list[tuple[str, Event]]:
+        for session in sessions:
+            self.cancel(session.id)
+        message = f"generation failed: {type(exc).__name__}: {exc}"
+        return [(session.id, ErrorEvent(message)) for session in sessions]
+
+    def generate(self, request: SessionRequest) -> Iterator[Event]:
+        """Runs one session alone to its end, yielding its events. Closing the iterator cancels it."""
+        if self._sessions:
+            raise RuntimeError("generate() runs one session alone; use add_session()/step() to batch sessions")
+        session_id = uuid.uuid4().hex
+        self.add_session(session_id, request)
+        try:
+            while session_id in self._sessions:
+                for _, event in self.step():
+                    yield event
+        finally:
+            self.cancel(session_id)

@@ -1,0 +1,72 @@
+"""The words the engine writes: collaboration rules, section labels, step headers, seeds, checks, finisher.
+
+Each worker's view reads as one assistant turn:
+    <chat prompt: rules + task> PAST_STEPS_HEADER <history>
+    OTHERS_LABEL <the other workers' current steps> OWN_LABEL <own current step>
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PAST_STEPS_HEADER = "### Past steps\n"
+OTHERS_LABEL = "\n\n### Work in progress (others)\n"
+OWN_LABEL = "\n\n### Work in progress (own)\n"
+REDUNDANCY_CHECK = "Quick check: am I doing redundant work? (yes/no): "
+FINISHER = (
+    "\n\nTime is up, so I have to give the final answer right now. "
+    "Considering all the work above, the final answer is \\boxed{"
+)
+
+
+def collaboration_rules(names: tuple[str, ...]) -> str:
+    """System prompt for len(names) workers; a single worker gets plain step-by-step rules."""
+    answer = "When the answer is known, state it once as \\boxed{answer}."
+    if len(names) == 1:
+        return (
+            f"You are {names[0]}, an assistant solving the user's task step by step. Write short paragraphs "
+            f"separated by blank lines; your finished paragraphs appear under \"Past steps\". {answer}"
+        )
+    team = ", ".join(names[:-1]) + f" and {names[-1]}"
+    return (
+        f"You are one of {len(names)} assistants ({team}) solving the user's task together, writing at the same "
+        "time. You work in steps: short paragraphs that end with a blank line. Everyone sees the team's finished "
+        "steps under \"Past steps\", the others' unfinished steps under \"Work in progress (others)\" as they are "
+        "written, token by token, and continues their own step under \"Work in progress (own)\".\n"
+        "How to collaborate:\n"
+        "- Agree on a plan quickly: split the task into parts, check each other's results, or try different "
+        "approaches.\n"
+        "- Never redo what another assistant has done or is doing. If you notice you are doing redundant work, "
+        "say so and switch to something else at once.\n"
+        "- Build on the others' results as soon as they appear.\n"
+        f"- Any one of you may give the team's final answer. {answer}"
+    )
+
+
+def step_header(name: str, step: int) -> str:
+    return f"**{name} [{step}]:** "
+
+
+def first_step(name: str, index: int) -> str:
+    """The first step of every worker: a blank line, its header, and a short seed."""
+    seed = f"Hi, I'm {name}. Here's how we can" if index == 0 else f"Hi, I'm {name}."
+    return "\n\n" + step_header(name, 1) + seed
+
+
+@dataclass(frozen=True)
+class ChatPrompt:
+    """The common block's opening text: the chat-formatted rules and task, then the past-steps header."""
+
+    text: str
+
+    @classmethod
+    def build(cls, tokenizer: object, names: tuple[str, ...], task: str) -> ChatPrompt:
+        messages = [
+            {"role": "system", "content": collaboration_rules(names)},
+            {"role": "user", "content": task},
+        ]
+        if getattr(tokenizer, "chat_template", None):
+            chat = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        else:
+            chat = f"{messages[0]['content']}\n\nTask: {task}\n\n"
+        return cls(chat + PAST_STEPS_HEADER)

@@ -1,0 +1,272 @@
+"""One task worked on by several workers: what each feeds next, what it sees, and what its samples mean.
+
+Block layout in the session's cache:
+    0           common: chat prompt + past-steps header + history (finished steps, in the order they finished)
+    1           OTHERS_LABEL
+    2           OWN_LABEL
+    3 + w       worker w's current step
+Worker w's view: common, OTHERS_LABEL, the other workers' current steps (ascending), OWN_LABEL, its own step.
+
+A session is driven by the engine in two calls per forward: `runs()` says what to feed (moving finished steps
+into the history first), `commit(token_ids)` takes one sampled token per worker that fed something and returns
+the events it caused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine import prompts
+from engine.cache import SessionCache
+from engine.config import SessionRequest
+from engine.detokenizer import IncrementalDecoder
+from engine.events import (
+    AnswerEvent,
+    DoneEvent,
+    Event,
+    FinishReason,
+    InsertedEvent,
+    StepEndEvent,
+    TokenEvent,
+    Usage,
+    WorkerView,
+)
+from engine.model import LoadedModel
+from engine.plan import Run
+from engine.text import BOXED, extract_boxed, is_step_end
+
+COMMON, OTHERS_LABEL, OWN_LABEL = 0, 1, 2
+FIRST_STEP_BLOCK = 3
+FINISHER_MAX_TOKENS = 32
+
+
+@dataclass
+class Tokens:
+    """Token ids with a parallel flag per id: True when the model sampled it, False when the engine wrote it."""
+
+    ids: list[int] = field(default_factory=list)
+    sampled: list[bool] = field(default_factory=list)
+
+    def extend(self, ids: list[int], sampled: bool | list[bool]) -> None:
+        self.ids.extend(ids)
+        self.sampled.extend(sampled if isinstance(sampled, list) else [sampled] * len(ids))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass
+class Worker:
+    index: int
+    name: str
+    decoder: IncrementalDecoder
+    step: int = 1
+    block: Tokens = field(default_factory=Tokens)  # what the cache holds of the current step
+    pending: Tokens = field(default_factory=Tokens)  # fed at the next forward
+    text: str = ""  # the current step's text (inserted + sampled)
+    generated: int = 0
+    step_done: bool = False  # its last token ended the step: move the block to the history first
+
+
+class Session:
+    def __init__(
+        self, session_id: str, request: SessionRequest, prompt_ids: list[int], model: LoadedModel, cache: SessionCache
+    ) -> None:
+        self.id = session_id
+        self.request = request
+        self.cache = cache
+        self._tokenizer = tokenizer = model.tokenizer
+        self._eos_ids = model.eos_token_ids
+        self._context_length = model.context_length
+        self._inv_freq = model.inv_freq
+        self.common = Tokens()
+        self.common.extend(prompt_ids, False)
+        self.labels = (self._encode(prompts.OTHERS_LABEL), self._encode(prompts.OWN_LABEL))
+        self.workers = [Worker(i, name, IncrementalDecoder(tokenizer)) for i, name in enumerate(request.names)]
+        self._events: list[Event] = []
+        self._generated = 0  # sampled tokens over all workers, for the redundancy check cadence
+        self._next_check = request.redundancy_check_every or None
+        self._check_due = False
+        self._steps_taken = 0  # lockstep decode steps (the budget)
+        self._finishing = False
+        self._finisher_text = ""
+        self._finisher_tokens = 0
+        self._prefilled = False
+        self.answer: str | None = None
+        self.done = False
+        for worker in self.workers:
+            first = prompts.first_step(worker.name, worker.index)
+            self._insert(worker, first, "header")
+        self.prompt_tokens = len(prompt_ids) + sum(map(len, self.labels)) + sum(len(w.pending) for w in self.workers)
+
+    # ---- what to feed -------------------------------------------------------------------------------------
+
+    def runs(self) -> list[Run]:
+        """The tokens of this session's next forward. Moves finished steps into the history first."""
+        if not self._prefilled:
+            self._prefilled = True
+            return self._prefill_runs()
+        for worker in self.workers:
+            if worker.step_done:
+                self._start_next_step(worker)
+        if self.longest_view() > self._context_length:  # only when steps are far shorter than the check assumed
+            self._finish(("length",) * len(self.workers))
+            return []
+        feeding = self.workers[:1] if self._finishing else self.workers
+        return [self._worker_run(w) for w in feeding]
+
+    def _prefill_runs(self) -> list[Run]:
+        others, own = self.labels
+        lc = len(self.common)
+        runs = [
+            Run(COMMON, 0, tuple(self.common.ids), ()),
+            Run(OTHERS_LABEL, 0, tuple(others), ((COMMON, lc),)),
+            Run(OWN_LABEL, 0, tuple(own), ((COMMON, lc), (OTHERS_LABEL, len(others)))),
+        ]
+        return runs + [self._worker_run(w) for w in self.workers]
+
+    def _worker_run(self, worker: Worker) -> Run:
+        block = FIRST_STEP_BLOCK + worker.index
+        start = len(worker.block)
+        run = Run(block, start, tuple(worker.pending.ids), self._view(worker), want_logits=True)
+        worker.block.extend(worker.pending.ids, worker.pending.sampled)
+        worker.pending = Tokens()
+        return run
+
+    def _view(self, worker: Worker) -> tuple[tuple[int, int], ...]:
+        """Worker's view before its own step, with lengths as the cache holds them now."""
+        others, own = self.labels
+        steps = tuple(
+            (FIRST_STEP_BLOCK + w.index, len(w.block)) for w in self.workers if w is not worker and len(w.block)
+        )
+        return ((COMMON, len(self.common)), (OTHERS_LABEL, len(others))) + steps + ((OWN_LABEL, len(own)),)
+
+    def _start_next_step(self, worker: Worker) -> None:
+        """Moves the finished step to the end of the history and opens the next one with its header."""
+        self.cache.migrate(FIRST_STEP_BLOCK + worker.index, self._inv_freq)
+        self.common.extend(worker.block.ids, worker.block.sampled)
+        separator = worker.pending
+        worker.block, worker.pending, worker.text, worker.step_done = Tokens(), separator, "", False
+        worker.step += 1
+        self._insert(worker, prompts.step_header(worker.name, worker.step), "header")
+        if self._check_due:
+            self._check_due = False
+            self._insert(worker, prompts.REDUNDANCY_CHECK, "intervention")
+
+    def _insert(self, worker: Worker, text: str, reason: str) -> None:
+        ids = self._encode(text)
+        worker.pending.extend(ids, False)
+        worker.text += text.lstrip("\n") if not worker.text else text
+        self._events.append(InsertedEvent(worker.index, worker.step, text, tuple(ids), reason))  # type: ignore[arg-type]
+
+    def _encode(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens=False)
+
+    # ---- what the samples mean -----------------------------------------------------------------------------
+
+    def take_events(self) -> list[Event]:
+        """Events since the last call, in generation order; the last one of a session is a DoneEvent."""
+        events, self._events = self._events, []
+        return events
+
+    def commit(self, token_ids: list[int]) -> None:
+        """Takes one sampled id per worker fed by the last `runs()`."""
+        if self._finishing:
+            self._commit_finisher(token_ids[0])
+        else:
+            for worker, token_id in zip(self.workers, token_ids):
+                self._commit_token(worker, token_id)
+                if self.done:
+                    break
+            if not self.done:
+                self._steps_taken += 1
+                if self._steps_taken >= self.request.max_tokens:
+                    self._out_of_budget()
+
+    def _commit_token(self, worker: Worker, token_id: int) -> None:
+        worker.generated += 1
+        worker.pending.extend([token_id], True)
+        self._count_generated()
+        if token_id in self._eos_ids:
+            self._finish(("stop",) * len(self.workers))
+            return
+        text, ids = worker.decoder.feed(token_id)
+        if not text:
+            return
+        self._events.append(TokenEvent(worker.index, worker.step, text, ids))
+        ends_step = is_step_end(worker.text, text)
+        worker.text += text
+        if "}" in text and (answer := extract_boxed(worker.text)) is not None:
+            self._give_answer(worker, answer)
+            self._finish(("stop",) * len(self.workers))
+        elif ends_step:
+            worker.step_done = True
+            self._events.append(StepEndEvent(worker.index, worker.step, worker.text.strip()))
+
+    def _count_generated(self) -> None:
+        self._generated += 1
+        if self._next_check is not None and self._generated >= self._next_check:
+            self._check_due = True
+            self._next_check += self.request.redundancy_check_every
+
+    def _out_of_budget(self) -> None:
+        if not self.request.final_answer or self.answer is not None:
+            self._finish(("length",) * len(self.workers))
+            return
+        self._finishing = True
+        worker = self.workers[0]
+        worker.step_done = False  # the finisher continues worker 0's current step, whatever it was
+        self._insert(worker, prompts.FINISHER, "finisher")
+
+    def _commit_finisher(self, token_id: int) -> None:
+        worker = self.workers[0]
+        worker.pending.extend([token_id], True)
+        self._finisher_tokens += 1
+        text, ids = worker.decoder.feed(token_id)
+        if text:
+            self._events.append(TokenEvent(worker.index, worker.step, text, ids))
+            self._finisher_text += text
+        answer = extract_boxed(BOXED + self._finisher_text)
+        exhausted = token_id in self._eos_ids or self._finisher_tokens >= FINISHER_MAX_TOKENS
+        if answer is not None or exhausted:
+            if answer is not None:
+                self._give_answer(worker, answer)
+            self._finish(("length",) * len(self.workers))
+
+    def _give_answer(self, worker: Worker, answer: str) -> None:
+        self.answer = answer
+        self._events.append(AnswerEvent(worker.index, worker.step, answer))
+
+    def _finish(self, reasons: tuple[FinishReason, ...]) -> None:
+        self.done = True
+        views = tuple(self.view(w.index) for w in self.workers) if self.request.return_views else None
+        usage = Usage(
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens_per_worker=tuple(w.generated for w in self.workers),
+            steps_per_worker=tuple(w.step for w in self.workers),
+        )
+        self._events.append(DoneEvent(usage, reasons, self.answer, views))
+
+    # ---- inspection ---------------------------------------------------------------------------------------
+
+    def view(self, index: int) -> WorkerView:
+        """Worker `index`'s view as the cache holds it: token ids in view order and which were sampled."""
+        worker = self.workers[index]
+        others, own = self.labels
+        parts = [self.common, Tokens(list(others), [False] * len(others))]
+        parts += [w.block for w in self.workers if w is not worker]
+        parts += [Tokens(list(own), [False] * len(own)), worker.block]
+        return WorkerView(
+            token_ids=tuple(i for p in parts for i in p.ids),
+            is_sampled=tuple(s for p in parts for s in p.sampled),
+        )
+
+    def longest_view(self) -> int:
+        """Tokens the longest worker view will hold after the next forward."""
+        fixed = len(self.common) + sum(map(len, self.labels)) + sum(len(w.block) for w in self.workers)
+        return fixed + max(len(w.pending) for w in self.workers)
+
+    @property
+    def is_finishing(self) -> bool:
+        """True while the finisher runs: worker 0 alone, greedy, its tokens not counted."""
+        return self._finishing

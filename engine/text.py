@@ -1,0 +1,53 @@
+"""Pure text rules: where a step ends, and where the final answer is. No tokenizer, no torch."""
+
+from __future__ import annotations
+
+import re
+
+STEP_SEPARATOR = "\n\n"
+SENTENCE_ENDINGS = (".", "?", "!", "。", "？", "！")
+TRAILING_CLOSERS = "\"')]*_”’»`"  # may follow the sentence end: quotes, brackets, emphasis
+FENCE = re.compile(r"^[ \t]*(```|~~~)", re.MULTILINE)
+BOXED = "\\boxed{"
+
+
+def ends_sentence(text: str) -> bool:
+    """True when text (ignoring trailing spaces, quotes, brackets and emphasis marks) ends with . ? ! or kin."""
+    return text.rstrip().rstrip(TRAILING_CLOSERS).endswith(SENTENCE_ENDINGS)
+
+
+def has_open_block(text: str) -> bool:
+    """True inside an unclosed code fence (``` or ~~~ at a line start) or an unclosed $$ math block."""
+    segments = FENCE.split(text)[::2]  # text between fences (split also returns the captured fence marks)
+    if len(segments) % 2 == 0:
+        return True
+    return sum(part.count("$$") for part in segments[::2]) % 2 == 1  # $$ outside code only
+
+
+def is_step_end(step_text: str, token_text: str) -> bool:
+    """Whether the sampled `token_text`, appended to the current `step_text`, ends the step.
+
+    A step ends when the token completes a blank line ("\\n\\n": inside the token, or its leading newline
+    after the newline that ended the step text, as tokenizers that split newlines produce), the text before
+    that blank line ends a sentence, and no code fence or $$ block is open. No token count is involved.
+    """
+    text = step_text + token_text
+    cut = text.find(STEP_SEPARATOR, max(0, len(step_text) - 1))
+    if cut < 0:
+        return False
+    before = text[:cut]
+    return ends_sentence(before) and not has_open_block(before)
+
+
+def extract_boxed(text: str) -> str | None:
+    """The content of the first complete \\boxed{...} (nested braces allowed), or None."""
+    start = text.find(BOXED)
+    while start >= 0:
+        depth, i = 1, start + len(BOXED)
+        while i < len(text):
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            if depth == 0:
+                return text[start + len(BOXED) : i].strip()
+            i += 1
+        start = text.find(BOXED, start + 1)
+    return None
