@@ -94,6 +94,7 @@ class Session:
         self._prefilled = False
         self.answer: str | None = None
         self.done = False
+        self.history: list[tuple[int, int]] = []  # (worker, step) of each block in the history, in order
         for worker in self.workers:
             first = prompts.first_step(worker.name, worker.index)
             self._insert(worker, first, "header")
@@ -145,6 +146,7 @@ class Session:
         """Moves the finished step to the end of the history and opens the next one with its header."""
         self.cache.migrate(FIRST_STEP_BLOCK + worker.index, self._inv_freq)
         self.common.extend(worker.block.ids, worker.block.sampled)
+        self.history.append((worker.index, worker.step))
         separator = worker.pending
         worker.block, worker.pending, worker.text, worker.step_done = Tokens(), separator, "", False
         worker.step += 1

@@ -1,0 +1,163 @@
+"""Session rules driven by scripted samples: no model forward, the real tokenizer, a small real cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from engine import prompts
+from engine.cache import SessionCache
+from engine.config import SessionRequest
+from engine.events import AnswerEvent, DoneEvent, InsertedEvent, StepEndEvent, TokenEvent
+from engine.plan import build_forward
+from engine.session import FIRST_STEP_BLOCK, Session
+
+INV_FREQ = 1.0 / (10000 ** (torch.arange(0, 8, 2).float() / 8))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(default_model_dir: Path):
+    return AutoTokenizer.from_pretrained(default_model_dir)
+
+
+def make_session(tokenizer, **request: object) -> Session:
+    model = SimpleNamespace(
+        tokenizer=tokenizer, eos_token_ids=frozenset({tokenizer.eos_token_id}), context_length=8192,
+        inv_freq=INV_FREQ,
+    )
+    req = SessionRequest(**{"prompt": "Add 2 and 2.", "redundancy_check_every": 0, **request})  # type: ignore[arg-type]
+    cache = SessionCache(1, 1, 8, req.num_workers + 2, torch.float32, torch.device("cpu"))
+    return Session("s", req, tokenizer.encode("<prompt>"), model, cache)  # type: ignore[arg-type]
+
+
+def token(tokenizer, text: str) -> int:
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert len(ids) == 1, f"{text!r} is {len(ids)} tokens"
+    return ids[0]
+
+
+def drive(session: Session, tokenizer, script: list[list[str]]) -> list:
+    """Each script row gives one token text per worker fed in that forward."""
+    events = []
+    for row in script:
+        runs = session.runs()
+        assert len(runs) >= len(row)
+        build_forward([(session.cache, runs)], INV_FREQ, torch.float32)  # what a forward writes
+        session.commit([token(tokenizer, text) for text in row])
+        events += session.take_events()
+        if session.done:
+            break
+    return events
+
+
+def test_history_holds_finished_steps_in_the_order_they_finish(tokenizer) -> None:
+    session = make_session(tokenizer, num_workers=2, max_tokens=50)
+    prompt_len = len(session.common)
+    events = drive(session, tokenizer, [
+        [" think", " Ok"], [" more", "."], [" about", "\n"], [" it", "\n"],  # Bob finishes step 1 first
+        [".", " Next"], ["\n", "."], ["\n", "\n"], [" go", "\n"], [" on", " x"],  # Alice, then Bob step 2
+    ])
+    ends = [(e.worker, e.step) for e in events if isinstance(e, StepEndEvent)]
+    assert ends == [(1, 1), (0, 1), (1, 2)]
+    assert session.history == [(1, 1), (0, 1), (1, 2)]
+    history_text = tokenizer.decode(session.common.ids[prompt_len:])
+    assert history_text.index("**Bob [1]:**") < history_text.index("**Alice [1]:**") < history_text.index("**Bob [2]:**")
+    assert session.cache.lengths[0] == len(session.common)
+    assert session.cache.lengths[FIRST_STEP_BLOCK + 1] == len(session.workers[1].block)
+
+
+def test_step_text_is_reported_whole(tokenizer) -> None:
+    session = make_session(tokenizer, num_workers=1, max_tokens=20)
+    events = drive(session, tokenizer, [[" work"], ["."], ["\n"], ["\n"]])
+    (end,) = [e for e in events if isinstance(e, StepEndEvent)]
+    assert end.text == "**Alice [1]:** Hi, I'm Alice. Here's how we can work."
+
+
+def test_redundancy_check_goes_into_the_next_step_header_every_k_tokens(tokenizer) -> None:
+    session = make_session(tokenizer, num_workers=2, max_tokens=60, redundancy_check_every=6)
+    row = [["Done", "Done"], [".", "."], ["\n", "\n"], ["\n", "\n"]]
+    events = drive(session, tokenizer, row * 4)
+    checks = [e for e in events if isinstance(e, InsertedEvent) and e.reason == "intervention"]
+    assert checks and all(e.text == prompts.REDUNDANCY_CHECK for e in checks)
+    # 32 sampled tokens, a check due after every 6: at most 5, and one at most per step start
+    assert 1 <= len(checks) <= 32 // 6
+    for check in checks:
+        index = events.index(check)
+        header = events[index - 1]
+        assert isinstance(header, InsertedEvent) and header.reason == "header" and header.worker == check.worker
+
+
+def test_no_redundancy_check_when_disabled(tokenizer) -> None:
+    session = make_session(tokenizer, num_workers=2, max_tokens=60, redundancy_check_every=0)
+    events = drive(session, tokenizer, [["Done", "Done"], [".", "."], ["\n", "\n"], ["\n", "\n"]] * 3)
+    assert not [e for e in events if isinstance(e, InsertedEvent) and e.reason == "intervention"]
+
+
+def test_a_boxed_answer_ends_the_session(tokenizer) -> None:
+    session = make_session(tokenizer, num_workers=2, max_tokens=50)
+    events = drive(session, tokenizer, [[" so", " x"], [" \\", " y"], ["box", " z"], ["ed", " q"], ["{", " w"], ["7", " v"], ["}", " u"]])
+    answers = [e for e in events if isinstance(e, AnswerEvent)]
+    assert [(a.worker, a.text) for a in answers] == [(0, "7")]
+    done = events[-1]
+    assert isinstance(done, DoneEvent) and done.answer == "7" and done.finish_reasons == ("stop", "stop")
+
+
+def test_end_of_sequence_ends_the_session(tokenizer) -> None:
+    session = make_session(tokenizer, num_workers=2, max_tokens=50)
+    events = drive(session, tokenizer, [[" a", " b"], [" c", tokenizer.eos_token]])
+    done = events[-1]
+    assert isinstance(done, DoneEvent) and done.finish_reasons == ("stop", "stop") and done.answer is None
+
+
+def test_budget_without_finisher_ends_with_length(tokenizer) -> None:
+    session = make_session(tokenizer, num_workers=2, max_tokens=3, final_answer=False)
+    events = drive(session, tokenizer, [[" a", " b"]] * 5)
+    done = events[-1]
+    assert isinstance(done, DoneEvent) and done.finish_reasons == ("length", "length")
+    assert done.usage.completion_tokens_per_worker == (3, 3)
+    assert not session.is_finishing
+
+
+def test_finisher_forces_a_final_answer_without_counting_its_tokens(tokenizer) -> None:
+    session = make_session(tokenizer, num_workers=2, max_tokens=3)
+    events = drive(session, tokenizer, [[" a", " b"]] * 3)
+    assert session.is_finishing and not session.done
+    finisher = [e for e in events if isinstance(e, InsertedEvent) and e.reason == "finisher"]
+    assert [e.worker for e in finisher] == [0] and finisher[0].text.endswith("\\boxed{")
+    assert len(session.runs()) == 1  # only worker 0 continues
+    session.commit([token(tokenizer, "4")])
+    session.runs()
+    session.commit([token(tokenizer, "}")])
+    events = session.take_events()
+    assert [e.text for e in events if isinstance(e, AnswerEvent)] == ["4"]
+    done = events[-1]
+    assert isinstance(done, DoneEvent) and done.answer == "4" and done.finish_reasons == ("length", "length")
+    assert done.usage.completion_tokens_per_worker == (3, 3)
+
+
+def test_text_is_emitted_only_as_complete_utf8(tokenizer) -> None:
+    emoji_ids = tokenizer.encode("🙂", add_special_tokens=False)
+    assert len(emoji_ids) > 1  # the character spans several tokens
+    session = make_session(tokenizer, num_workers=1, max_tokens=50)
+    session.runs()
+    texts = []
+    for token_id in emoji_ids:
+        session.commit([token_id])
+        texts += [e for e in session.take_events() if isinstance(e, TokenEvent)]
+        session.runs()
+    assert [(e.text, e.token_ids) for e in texts] == [("🙂", tuple(emoji_ids))]
+
+
+def test_views_mark_sampled_tokens(tokenizer) -> None:
+    session = make_session(tokenizer, num_workers=2, max_tokens=50)
+    drive(session, tokenizer, [[" a", " b"], [" c", " d"]])
+    session.runs()  # feeds the last samples into the cache
+    view = session.view(0)
+    assert len(view.token_ids) == len(view.is_sampled)
+    sampled = [t for t, s in zip(view.token_ids, view.is_sampled) if s]
+    assert tokenizer.decode(sampled) == " b d a c"  # Bob's step comes before Alice's own step in her view
+    assert view.token_ids[-1] == token(tokenizer, " c")

@@ -1,0 +1,49 @@
+"""Step-end and answer rules on plain text."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.text import extract_boxed, has_open_block, is_step_end
+
+
+@pytest.mark.parametrize(
+    "step_text,token,expected",
+    [
+        ("**Alice [1]:** I will check the sum", ".\n\n", True),  # sentence end in the same token
+        ("We split the work.", "\n\n", True),
+        ("We split the work.\n", "\n", True),  # tokenizers that emit one newline per token
+        ("Is it prime?", "\n\n", True),
+        ('He said "done."', "\n\n", True),  # closing quote after the period
+        ("First, the easy part,", "\n\n", False),  # after a comma
+        ("A list:", "\n\n", False),
+        ("We split the work.", " and", False),  # no blank line
+        ("We split the work.", "\n", False),  # a single newline
+        ("```python\nx = 1.", "\n\n", False),  # inside an open code fence
+        ("```python\nx = 1\n```\nDone.", "\n\n", True),  # the fence is closed
+        ("~~~\ncode.", "\n\n", False),
+        ("$$ x = 1.", "\n\n", False),  # inside $$ math
+        ("$$ x = 1 $$ so x is one.", "\n\n", True),
+    ],
+)
+def test_step_end_rule(step_text: str, token: str, expected: bool) -> None:
+    assert is_step_end(step_text, token) is expected
+
+
+def test_dollar_signs_inside_code_do_not_open_math() -> None:
+    assert not has_open_block("```sh\necho $$\n```\nok.")
+    assert has_open_block("```sh\necho hi\n")
+
+
+@pytest.mark.parametrize(
+    "text,answer",
+    [
+        ("so the result is \\boxed{42}.", "42"),
+        ("\\boxed{\\frac{1}{2}} and later \\boxed{3}", "\\frac{1}{2}"),
+        ("unfinished \\boxed{4", None),
+        ("no answer here", None),
+        ("\\boxed{ x = 2 }", "x = 2"),
+    ],
+)
+def test_answer_extraction(text: str, answer: str | None) -> None:
+    assert extract_boxed(text) == answer
