@@ -1,0 +1,108 @@
+"""The FastAPI application: routes, error handlers, API key, CORS, the browser demo, and the engine's lifetime."""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import AsyncIterator, Callable
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from starlette.staticfiles import StaticFiles
+
+from service.auth import ApiKeyMiddleware
+from service.bridge import EngineBridge
+from service.errors import APIError, install_error_handlers, outcome_of
+from service.metrics import Metrics
+from service.routes import COMPLETIONS_PATH, router
+from service.settings import Settings
+
+DEMO_PACKAGE = "clients"
+DEMO_FOLDER = "web"
+
+
+def create_app(
+    settings: Settings,
+    on_ready: Callable[[str], None] | None = None,
+    on_fatal: Callable[[str], None] | None = None,
+) -> FastAPI:
+    """Builds the app. Nothing starts until the app's lifespan begins: then the engine process is spawned, and
+    /health answers 503 until the model is loaded. `on_ready(model)` runs each time the engine becomes ready,
+    `on_fatal(message)` when the model cannot be loaded at all."""
+    metrics = Metrics()
+    bridge = EngineBridge(settings, metrics, on_ready=on_ready, on_fatal=on_fatal)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await bridge.start()
+        try:
+            yield
+        finally:
+            await bridge.stop()
+
+    app = FastAPI(
+        title="hogwild",
+        summary="Hogwild! Inference: several workers of one LLM over one shared KV cache, streamed live",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.bridge = bridge
+    app.state.started_at = int(time.time())
+
+    def count_error(path: str, error: APIError) -> None:
+        if path == COMPLETIONS_PATH:
+            metrics.count_request(outcome_of(error))
+
+    install_error_handlers(app, count_error)
+    if settings.api_key is not None:
+        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key.get_secret_value(), on_reject=count_error)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"]
+        )
+    app.include_router(router)
+    _document_400_not_422(app)
+    _mount_demo(app)
+    return app
+
+
+def _document_400_not_422(app: FastAPI) -> None:
+    """FastAPI documents a 422 on every route with a body; this service answers 400 instead (see errors.py)."""
+    build_schema = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = build_schema()
+            for operations in schema["paths"].values():
+                for operation in operations.values():
+                    operation.get("responses", {}).pop("422", None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def demo_directory() -> Path | None:
+    """clients/web next to the installed `clients` package, if it holds an index.html."""
+    spec = importlib.util.find_spec(DEMO_PACKAGE)
+    for location in (spec.submodule_search_locations or []) if spec is not None else []:
+        folder = Path(location) / DEMO_FOLDER
+        if (folder / "index.html").is_file():
+            return folder
+    return None
+
+
+def _mount_demo(app: FastAPI) -> None:
+    """Serves the browser demo at "/" (mounted last: it matches every path the API does not)."""
+    folder = demo_directory()
+    if folder is not None:
+        app.mount("/", StaticFiles(directory=folder, html=True), name="demo")
+        return
+
+    @app.get("/", include_in_schema=False)
+    async def demo_missing() -> None:
+        raise APIError(404, "the browser demo is not installed: clients/web/index.html was not found", "demo_missing")

@@ -1,0 +1,370 @@
+"""The API process's end of the engine: spawns the engine process, routes its replies to per-request sessions,
+and restarts it when it dies.
+
+Threading model: one reader thread per engine process blocks on the reply queue and hands every reply to the event
+loop with `call_soon_threadsafe`; all bridge and session state is touched on the event loop only. Nothing here
+blocks the loop: spawning and joining the process run in the default executor, and `multiprocessing.Queue.put`
+only appends to a buffer that a feeder thread writes out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import multiprocessing
+import queue
+import threading
+import time
+import uuid
+from typing import Callable
+
+from engine.config import EngineConfig, SessionRequest
+from engine.events import DoneEvent, ErrorEvent, Event, TokenEvent
+from service.engine_process import run_engine_process
+from service.errors import APIError, unavailable
+from service.messages import (
+    Accepted,
+    Cancel,
+    LoadFailed,
+    LoadProgress,
+    Occupancy,
+    Ready,
+    Rejected,
+    Reply,
+    Shutdown,
+    StepEvents,
+    Submit,
+)
+from service.metrics import Metrics
+from service.settings import Settings
+
+logger = logging.getLogger("hogwild.bridge")
+
+POLL_SECONDS = 0.25  # how often the reader checks that the engine process is alive when no reply comes
+RESTART_DELAY_SECONDS = 1.0
+MAX_FAILED_STARTS = 3  # consecutive engine processes that died before becoming ready; then give up
+STOP_TIMEOUT_SECONDS = 10.0
+ENGINE_LOST_MESSAGE = "the engine process stopped unexpectedly; it is restarting, retry shortly"
+
+SessionMessage = Accepted | Rejected | Event
+
+
+class EngineState(str, enum.Enum):
+    STOPPED = "stopped"
+    LOADING = "loading"
+    READY = "ready"
+    DOWN = "down"  # the engine process died; a new one starts shortly
+    FAILED = "failed"  # the model cannot be loaded; nothing will be retried
+
+
+class Session:
+    """One request's end of the bridge.
+
+    The bridge delivers, in this order: exactly one Accepted or Rejected (or an ErrorEvent if the engine went
+    away first), then the request's engine events, the last of which is a DoneEvent or ErrorEvent.
+    """
+
+    def __init__(self, request_id: str, bridge: EngineBridge) -> None:
+        self.request_id = request_id
+        self.created_at = time.monotonic()
+        self.first_token_at: float | None = None
+        self.last_token_at: float | None = None
+        self._bridge = bridge
+        self._queue: asyncio.Queue[SessionMessage] = asyncio.Queue()
+
+    def deliver(self, message: SessionMessage) -> None:
+        self._queue.put_nowait(message)
+
+    async def next_event(self, timeout: float | None = None) -> Event | None:
+        """The next engine event of an accepted session, or None when `timeout` seconds pass without one."""
+        message = await self.next_message(timeout)
+        assert not isinstance(message, (Accepted, Rejected)), "a session is accepted or rejected once"
+        return message
+
+    async def next_message(self, timeout: float | None = None) -> SessionMessage | None:
+        """The next message, or None when `timeout` seconds pass without one."""
+        if not self._queue.empty():
+            return self._queue.get_nowait()
+        try:
+            return await asyncio.wait_for(self._queue.get(), timeout)
+        except asyncio.TimeoutError:
+            return None
+
+    def close(self) -> None:
+        """Ends the request: if the engine still works on it, it is cancelled within one step. Idempotent."""
+        self._bridge.release(self)
+
+    def mark_tokens(self, now: float, metrics: Metrics) -> None:
+        """Records that one engine step sampled tokens for this session."""
+        if self.first_token_at is None:
+            self.first_token_at = now
+            metrics.time_to_first_token.observe(now - self.created_at)
+        elif self.last_token_at is not None:
+            metrics.inter_token_latency.observe(now - self.last_token_at)
+        self.last_token_at = now
+
+
+class EngineProcess:
+    """One spawned engine process with its two queues and its reader thread."""
+
+    def __init__(self, config: EngineConfig, max_running: int) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.commands = context.Queue()
+        self.replies = context.Queue()
+        self.process = context.Process(
+            target=run_engine_process,
+            args=(config, max_running, self.commands, self.replies),
+            name="hogwild-engine",
+            daemon=True,
+        )
+        self._is_stopping = False
+        self._reader: threading.Thread | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid
+
+    def start(self, on_reply: Callable[[Reply], None], on_exit: Callable[[], None]) -> None:
+        """Starts the process (blocking: spawn) and the reader thread that calls `on_reply` for every reply and
+        `on_exit` once after the process is gone and its last replies were read."""
+        self.process.start()
+        self._reader = threading.Thread(
+            target=self._read, args=(on_reply, on_exit), name="hogwild-engine-reader", daemon=True
+        )
+        self._reader.start()
+
+    def send(self, command: Submit | Cancel | Shutdown) -> None:
+        self.commands.put(command)
+
+    def stop(self) -> None:
+        """Asks the engine to exit, escalating to terminate/kill; then releases the queues. Blocking."""
+        self._is_stopping = True
+        if self.process.is_alive():
+            self.commands.put(Shutdown())
+            self.process.join(STOP_TIMEOUT_SECONDS)
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(STOP_TIMEOUT_SECONDS / 2)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+        if self._reader is not None and self._reader is not threading.current_thread():
+            self._reader.join(POLL_SECONDS * 4)
+        for channel in (self.commands, self.replies):
+            channel.cancel_join_thread()
+            channel.close()
+
+    def _read(self, on_reply: Callable[[Reply], None], on_exit: Callable[[], None]) -> None:
+        while not self._is_stopping:
+            try:
+                on_reply(self.replies.get(timeout=POLL_SECONDS))
+            except queue.Empty:
+                if not self.process.is_alive():
+                    break
+            except (EOFError, OSError, ValueError):
+                logger.exception("reading from the engine process failed")
+                break
+        self._drain(on_reply)
+        on_exit()
+
+    def _drain(self, on_reply: Callable[[Reply], None]) -> None:
+        """Replies written just before the process exited are still in the pipe (a LoadFailed, say)."""
+        while True:
+            try:
+                on_reply(self.replies.get_nowait())
+            except (queue.Empty, EOFError, OSError, ValueError):
+                return
+
+
+class EngineBridge:
+    """Owns the engine process for the app's lifetime and turns requests into sessions.
+
+    Invariants: `sessions` holds exactly the requests whose final message has not been delivered yet; at most
+    `max_requests` of them exist at once; every message for a session comes from the current engine process.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        on_ready: Callable[[str], None] | None = None,
+        on_fatal: Callable[[str], None] | None = None,
+    ) -> None:
+        self.metrics = metrics
+        self.state = EngineState.STOPPED
+        self.status_message = "the engine has not started"
+        self.model_name: str | None = None
+        self.context_length: int | None = None
+        self.num_running = 0
+        self.num_waiting = 0
+        self._config = settings.engine_config()
+        self._max_running = settings.max_sessions
+        self._max_requests = settings.max_requests
+        self._retry_after = settings.retry_after_seconds
+        self._on_ready = on_ready
+        self._on_fatal = on_fatal
+        self._sessions: dict[str, Session] = {}
+        self._process: EngineProcess | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._failed_starts = 0
+        self._is_stopping = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def engine_pid(self) -> int | None:
+        return self._process.pid if self._process is not None and self.state is not EngineState.DOWN else None
+
+    async def start(self) -> None:
+        """Spawns the engine process; returns at once (loading continues in the background)."""
+        self._loop = asyncio.get_running_loop()
+        await self._spawn()
+
+    async def stop(self) -> None:
+        """Stops the engine process and fails whatever is still in flight."""
+        self._is_stopping = True
+        for task in list(self._tasks):
+            task.cancel()
+        if self._process is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._process.stop)
+        self._fail_sessions("the server is shutting down", "engine_unavailable")
+        self.state = EngineState.STOPPED
+
+    async def open_session(self, request: SessionRequest) -> Session:
+        """Submits a validated request and waits until the engine accepted it (the session is then queued or
+        running). Raises APIError: 503 when not ready or full, 400 for failed checks."""
+        if self.state is not EngineState.READY or self._process is None:
+            raise unavailable(f"the engine is not ready ({self.state.value}): {self.status_message}", self._retry_after)
+        if len(self._sessions) >= self._max_requests:
+            raise APIError(
+                503, "the server is at capacity; retry later", "queue_full",
+                headers={"Retry-After": str(self._retry_after)},
+            )
+        session = Session(f"cmpl-{uuid.uuid4().hex}", self)
+        self._sessions[session.request_id] = session
+        self._process.send(Submit(session.request_id, request))
+        try:
+            reply = await session.next_message()
+        except asyncio.CancelledError:
+            session.close()
+            raise
+        if isinstance(reply, Accepted):
+            return session
+        self._sessions.pop(session.request_id, None)
+        if isinstance(reply, Rejected):
+            raise APIError.from_code(reply.code, reply.message, reply.param, self._retry_after)
+        assert isinstance(reply, ErrorEvent), f"unexpected first reply {reply!r}"
+        raise APIError.from_code(reply.code, reply.message, None, self._retry_after)
+
+    def release(self, session: Session) -> None:
+        """Forgets a session; if it had not finished, the engine cancels it."""
+        if self._sessions.pop(session.request_id, None) is not None and self._process is not None:
+            self._process.send(Cancel(session.request_id))
+
+    async def _spawn(self) -> None:
+        self.state = EngineState.LOADING
+        self.status_message = "starting the engine process"
+        process = EngineProcess(self._config, self._max_running)
+        loop = asyncio.get_running_loop()
+        on_reply = lambda reply: self._threadsafe(self._dispatch, process, reply)  # noqa: E731
+        on_exit = lambda: self._threadsafe(self._on_exit, process)  # noqa: E731
+        self._process = process
+        await loop.run_in_executor(None, process.start, on_reply, on_exit)
+        logger.info("engine process %s started, loading %s", process.pid, self._config.model)
+
+    def _threadsafe(self, callback: Callable[..., None], *args: object) -> None:
+        """Runs `callback` on the event loop; called from the reader thread."""
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:
+            pass  # the loop closed during shutdown; nobody waits for this reply any more
+
+    def _dispatch(self, process: EngineProcess, reply: Reply) -> None:
+        if process is not self._process or self._is_stopping:
+            return
+        if isinstance(reply, StepEvents):
+            self._route_events(reply.events)
+        elif isinstance(reply, Occupancy):
+            self.num_running, self.num_waiting = reply.num_running, reply.num_waiting
+        elif isinstance(reply, (Accepted, Rejected)):
+            session = self._sessions.get(reply.request_id)
+            if session is not None:
+                session.deliver(reply)
+        elif isinstance(reply, LoadProgress):
+            self.status_message = reply.message
+            logger.info("engine: %s", reply.message)
+        elif isinstance(reply, Ready):
+            self._become_ready(reply)
+        elif isinstance(reply, LoadFailed):
+            self._give_up(f"cannot load model {self._config.model!r}: {reply.message}")
+
+    def _route_events(self, events: list[tuple[str, Event]]) -> None:
+        now = time.monotonic()
+        sampled: dict[str, Session] = {}
+        for request_id, event in events:
+            if isinstance(event, TokenEvent):
+                self.metrics.generated_tokens += len(event.token_ids)
+            session = self._sessions.get(request_id)
+            if session is None:
+                continue  # cancelled; its last events were already in flight
+            if isinstance(event, TokenEvent):
+                sampled[request_id] = session
+            if isinstance(event, (DoneEvent, ErrorEvent)):
+                del self._sessions[request_id]
+            session.deliver(event)
+        for session in sampled.values():
+            session.mark_tokens(now, self.metrics)
+
+    def _become_ready(self, ready: Ready) -> None:
+        self.state = EngineState.READY
+        self.model_name = ready.model_name
+        self.context_length = ready.context_length
+        self.status_message = "ready"
+        self._failed_starts = 0
+        logger.info("engine ready: %s (context %d tokens)", ready.model_name, ready.context_length)
+        if self._on_ready is not None:
+            self._on_ready(ready.model_name)
+
+    def _give_up(self, message: str) -> None:
+        self.state = EngineState.FAILED
+        self.status_message = message
+        logger.error("%s", message)
+        self._fail_sessions(message, "engine_unavailable")
+        if self._on_fatal is not None:
+            self._on_fatal(message)
+
+    def _on_exit(self, process: EngineProcess) -> None:
+        if process is not self._process or self._is_stopping or self.state is EngineState.FAILED:
+            return
+        was_ready = self.state is EngineState.READY
+        exit_code = process.process.exitcode
+        self.state = EngineState.DOWN
+        self.status_message = f"the engine process exited with code {exit_code}; restarting"
+        logger.error("engine process %s exited with code %s", process.pid, exit_code)
+        self._fail_sessions(ENGINE_LOST_MESSAGE, "engine_unavailable")
+        self._run_in_background(asyncio.get_running_loop().run_in_executor(None, process.stop))
+        if not was_ready:
+            self._failed_starts += 1
+            if self._failed_starts >= MAX_FAILED_STARTS:
+                self._give_up(f"the engine process exited {self._failed_starts} times while loading the model")
+                return
+        self.metrics.engine_restarts += 1
+        self._run_in_background(self._restart())
+
+    async def _restart(self) -> None:
+        await asyncio.sleep(RESTART_DELAY_SECONDS)
+        if not self._is_stopping:
+            await self._spawn()
+
+    def _run_in_background(self, awaitable: asyncio.Future[None] | asyncio.Task[None] | object) -> None:
+        task = asyncio.ensure_future(awaitable)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _fail_sessions(self, message: str, code: str) -> None:
+        failed = list(self._sessions.values())
+        self._sessions.clear()
+        self.num_running = self.num_waiting = 0
+        for session in failed:
+            session.deliver(ErrorEvent(message, code))

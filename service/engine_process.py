@@ -1,0 +1,187 @@
+"""The engine process: loads the model, then admits, steps and cancels sessions on behalf of the API process.
+
+This module is imported by both processes, so it imports torch only inside `run_engine_process`, which runs in
+the spawned child. The loop reads top to bottom:
+
+    drain commands (block only when nothing runs) -> admit waiting requests -> one engine step -> forward events
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import queue
+from collections import OrderedDict
+from typing import TYPE_CHECKING
+
+from engine.config import EngineConfig, SessionRequest
+from engine.errors import CapacityError, HogwildError
+from engine.events import DoneEvent, ErrorEvent
+from service.messages import (
+    Accepted,
+    Cancel,
+    Command,
+    LoadFailed,
+    LoadProgress,
+    Occupancy,
+    Ready,
+    Rejected,
+    Reply,
+    Shutdown,
+    StepEvents,
+    Submit,
+)
+
+if TYPE_CHECKING:
+    from multiprocessing.queues import Queue
+
+    from engine.engine import Engine
+
+logger = logging.getLogger("hogwild.engine_process")
+
+PARENT_CHECK_SECONDS = 1.0  # how often an idle engine checks that the API process still lives
+STEP_FAILED_MESSAGE = "the engine failed while generating; the session was stopped"
+
+
+def run_engine_process(
+    config: EngineConfig, max_running: int, commands: Queue[Command], replies: Queue[Reply]
+) -> None:
+    """Entry point of the spawned engine process. Sends `Ready` or `LoadFailed`, then serves until `Shutdown`
+    arrives or the API process goes away."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from engine.engine import Engine  # torch is imported here, in the engine process only
+
+    try:
+        engine = Engine.load(config, progress=lambda message: replies.put(LoadProgress(message)))
+    except HogwildError as error:
+        replies.put(LoadFailed(error.code, error.message))
+        return
+    except Exception as error:  # noqa: BLE001 - any load fault must reach the user as a message
+        logger.exception("loading the model failed")
+        replies.put(LoadFailed("load_failed", f"loading the model failed: {type(error).__name__}: {error}"))
+        return
+    replies.put(Ready(engine.model_name, engine.context_length))
+    EngineLoop(engine, max_running, commands, replies).run()
+
+
+class EngineLoop:
+    """Admits, steps and cancels the sessions of one engine.
+
+    Invariants: every `Submit` gets exactly one `Accepted` or `Rejected` before any of its events; a request id is
+    in at most one of `waiting` (accepted, FIFO, not yet in the engine) and `running` (admitted to the engine);
+    it leaves `running` when its DoneEvent or ErrorEvent is forwarded or when it is cancelled.
+    """
+
+    def __init__(self, engine: Engine, max_running: int, commands: Queue[Command], replies: Queue[Reply]) -> None:
+        self.engine = engine
+        self.max_running = max_running
+        self.commands = commands
+        self.replies = replies
+        self.waiting: OrderedDict[str, SessionRequest] = OrderedDict()
+        self.running: set[str] = set()
+        self._reported = Occupancy(0, 0)
+
+    def run(self) -> None:
+        while True:
+            is_idle = not self.running and not self.waiting
+            for command in self._receive(block=is_idle):
+                if isinstance(command, Shutdown):
+                    return
+                self._handle(command)
+            self._admit()
+            if self.running:
+                self._step()
+            self._report_occupancy()
+
+    def _receive(self, block: bool) -> list[Command]:
+        """All pending commands; when `block`, waits for at least one (or returns [Shutdown()] if the API
+        process died, so an orphaned engine never lingers)."""
+        received: list[Command] = []
+        while block and not received:
+            try:
+                received.append(self.commands.get(timeout=PARENT_CHECK_SECONDS))
+            except queue.Empty:
+                parent = multiprocessing.parent_process()
+                if parent is not None and not parent.is_alive():
+                    return [Shutdown()]
+        while True:
+            try:
+                received.append(self.commands.get_nowait())
+            except queue.Empty:
+                return received
+
+    def _handle(self, command: Submit | Cancel) -> None:
+        if isinstance(command, Submit):
+            self._check(command)
+        elif command.request_id in self.waiting:
+            del self.waiting[command.request_id]
+        elif command.request_id in self.running:
+            self.running.discard(command.request_id)
+            self.engine.cancel(command.request_id)
+
+    def _check(self, submit: Submit) -> None:
+        try:
+            prompt_tokens = self.engine.check(submit.request)
+        except HogwildError as error:
+            self.replies.put(Rejected(submit.request_id, error.code, error.message, error.param))
+            return
+        except Exception:  # noqa: BLE001 - a fault in one request's check must not stop the engine
+            logger.exception("checking request %s failed", submit.request_id)
+            self.replies.put(Rejected(submit.request_id, "engine_error", "the engine could not check the request", None))
+            return
+        self.waiting[submit.request_id] = submit.request
+        self.replies.put(Accepted(submit.request_id, prompt_tokens))
+
+    def _admit(self) -> None:
+        """Moves waiting requests into the engine, oldest first, while it has room."""
+        while self.waiting and self.engine.num_running < self.max_running:
+            request_id, request = next(iter(self.waiting.items()))
+            try:
+                self.engine.add_session(request_id, request)
+            except CapacityError as error:
+                if self.running:
+                    return  # retried after a running session frees its cache
+                self._fail_waiting(request_id, error.message, error.code)
+                continue
+            except HogwildError as error:
+                self._fail_waiting(request_id, error.message, error.code)
+                continue
+            except Exception:  # noqa: BLE001
+                logger.exception("admitting request %s failed", request_id)
+                self._fail_waiting(request_id, STEP_FAILED_MESSAGE, "engine_error")
+                continue
+            del self.waiting[request_id]
+            self.running.add(request_id)
+
+    def _fail_waiting(self, request_id: str, message: str, code: str) -> None:
+        del self.waiting[request_id]
+        self.replies.put(StepEvents([(request_id, ErrorEvent(message, code))]))
+
+    def _step(self) -> None:
+        try:
+            events = self.engine.step()
+        except Exception:  # noqa: BLE001 - fail the running sessions, keep serving new ones
+            logger.exception("engine step failed")
+            self._fail_running()
+            return
+        for request_id, event in events:
+            if isinstance(event, (DoneEvent, ErrorEvent)):
+                self.running.discard(request_id)
+        if events:
+            self.replies.put(StepEvents(events))
+
+    def _fail_running(self) -> None:
+        failed = sorted(self.running)
+        self.running.clear()
+        for request_id in failed:
+            try:
+                self.engine.cancel(request_id)
+            except Exception:  # noqa: BLE001
+                logger.exception("cancelling request %s after a failed step failed", request_id)
+        self.replies.put(StepEvents([(request_id, ErrorEvent(STEP_FAILED_MESSAGE)) for request_id in failed]))
+
+    def _report_occupancy(self) -> None:
+        occupancy = Occupancy(len(self.running), len(self.waiting))
+        if occupancy != self._reported:
+            self.replies.put(occupancy)
+            self._reported = occupancy

@@ -1,0 +1,130 @@
+"""HTTP routes: completions (streamed or not), health, models and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from sse_starlette import EventSourceResponse
+
+from service.bridge import EngineBridge, EngineState, Session
+from service.collect import CompletionCollector
+from service.errors import APIError, unavailable
+from service.metrics import CONTENT_TYPE, Metrics
+from service.schemas import CompletionRequest, CompletionResponse, ErrorResponse, ModelCard, ModelList
+from service.settings import Settings
+from service.streaming import ChunkWriter, stream_session
+
+COMPLETIONS_PATH = "/v1/hogwild/completions"
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away"; nobody reads it
+
+ERROR_RESPONSES: dict[int | str, dict] = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in {
+        400: "invalid input (never 422)",
+        401: "missing or wrong API key (only when HOGWILD_API_KEY is set)",
+        404: "the requested model is not served",
+        500: "the engine failed while generating",
+        503: "queue full or engine not ready (with Retry-After)",
+    }.items()
+}
+
+router = APIRouter()
+
+
+def _bridge(request: Request) -> EngineBridge:
+    return request.app.state.bridge
+
+
+def _settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def _metrics(request: Request) -> Metrics:
+    return request.app.state.metrics
+
+
+@router.post(
+    COMPLETIONS_PATH,
+    response_model=CompletionResponse,
+    responses={**ERROR_RESPONSES, 200: {"content": {"text/event-stream": {}}}},
+    summary="Run one task on several workers that share one KV cache",
+)
+async def create_completion(body: CompletionRequest, request: Request) -> Response:
+    """Streams server-sent events when `stream` is true, else answers one JSON body. Every check that can fail
+    before generation (including the prompt's length against the context) answers an error status first."""
+    bridge, settings = _bridge(request), _settings(request)
+    session_request = body.session_request()
+    session_request.validate(max_workers=settings.max_workers, max_tokens=settings.max_tokens)
+    if bridge.state is not EngineState.READY:
+        raise unavailable(f"the engine is not ready ({bridge.state.value}): {bridge.status_message}", settings.retry_after_seconds)
+    model = bridge.model_name or ""
+    if body.model is not None and body.model != model:
+        raise APIError(404, f"model {body.model!r} is not served here; this server serves {model!r}", "model_not_found", "model")
+    session = await bridge.open_session(session_request)
+    created = int(time.time())
+    if body.stream:
+        writer = ChunkWriter(session.request_id, created, model, session_request.names, body.include_usage)
+        events = stream_session(session, writer, settings.keepalive_seconds, _metrics(request).count_request)
+        return EventSourceResponse(events, ping=0, sep="\n")
+    collector = CompletionCollector(session.request_id, created, model, session_request.names)
+    return await _collect_unless_disconnected(session, collector, request)
+
+
+async def _collect_unless_disconnected(session: Session, collector: CompletionCollector, request: Request) -> Response:
+    """Waits for the whole completion while watching the connection: a client that leaves cancels the session."""
+    work = asyncio.ensure_future(collector.collect(session))
+    gone = asyncio.ensure_future(_until_disconnected(request))
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        work.cancel()
+        session.close()
+    if not work.done() or work.cancelled():
+        _metrics(request).count_request("cancelled")
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    body = work.result().model_dump()  # raises the session's APIError, answered by the error handlers
+    if body["views"] is None:
+        del body["views"]
+    _metrics(request).count_request("ok")
+    return JSONResponse(body)
+
+
+async def _until_disconnected(request: Request) -> None:
+    """Returns when the client closes the connection (the request body has been read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+@router.get("/health", summary="200 when the model is loaded and the engine serves, else 503")
+async def health(request: Request) -> JSONResponse:
+    bridge = _bridge(request)
+    is_ready = bridge.state is EngineState.READY
+    body = {
+        "status": "ok" if is_ready else bridge.state.value,
+        "model": bridge.model_name,
+        "context_length": bridge.context_length,
+        "engine_pid": bridge.engine_pid,
+        "sessions_running": bridge.num_running,
+        "sessions_waiting": bridge.num_waiting,
+        "message": bridge.status_message,
+    }
+    return JSONResponse(body, status_code=200 if is_ready else 503)
+
+
+@router.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES, summary="The served model")
+async def list_models(request: Request) -> ModelList:
+    bridge = _bridge(request)
+    if bridge.state is not EngineState.READY or bridge.model_name is None:
+        raise unavailable(f"the engine is not ready ({bridge.state.value})", _settings(request).retry_after_seconds)
+    return ModelList(data=[ModelCard(id=bridge.model_name, created=request.app.state.started_at)])
+
+
+@router.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
+async def metrics(request: Request) -> PlainTextResponse:
+    bridge = _bridge(request)
+    text = _metrics(request).render(bridge.num_running, bridge.num_waiting, bridge.state is EngineState.READY)
+    return PlainTextResponse(text, media_type=CONTENT_TYPE)

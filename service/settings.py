@@ -1,0 +1,72 @@
+"""Service settings from HOGWILD_* environment variables; `hogwild serve` flags mirror every field.
+
+Explicit values (flags) win over the environment, which wins over the defaults. Empty environment variables
+count as unset.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from engine.config import DEFAULT_MODEL, MAX_WORKERS, EngineConfig
+
+ENV_PREFIX = "HOGWILD_"
+
+
+class Settings(BaseSettings):
+    """Everything the service needs to start: what to load, where to listen, and how much to hold at once."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_ignore_empty=True, extra="forbid")
+
+    model: str = Field(
+        DEFAULT_MODEL, description='"default" (embedded SmolLM2-135M-Instruct), a local Hugging Face folder or a hub id'
+    )
+    device: str | None = Field(None, description="torch device for the engine, e.g. cpu or cuda:0; unset: cuda when present, else cpu")
+    dtype: Literal["bfloat16", "float16", "float32"] | None = Field(
+        None, description="weights and cache dtype; unset: bfloat16"
+    )
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on")
+    api_key: SecretStr | None = Field(
+        None, description="when set, /v1/* requests need the header 'Authorization: Bearer <key>'"
+    )
+    max_workers: int = Field(MAX_WORKERS, ge=1, le=MAX_WORKERS, description="most workers one request may ask for")
+    max_tokens: int = Field(4096, ge=1, description="most tokens per worker one request may ask for")
+    max_sessions: int = Field(8, ge=1, description="sessions the engine runs at once (batched together)")
+    max_queued: int = Field(32, ge=0, description="accepted requests that may wait for a free session; beyond: 503")
+    cache_budget_tokens: int = Field(0, ge=0, description="KV-cache tokens all sessions may reserve (0: no budget)")
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="comma-separated origins allowed by CORS (empty: CORS off)"
+    )
+    keepalive_seconds: float = Field(10.0, gt=0, description="interval of ': ping' comments on an idle stream")
+    retry_after_seconds: int = Field(2, ge=1, description="Retry-After value of 503 answers")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="log level")
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [origin.strip() for origin in value.split(",") if origin.strip()]
+        return value
+
+    def engine_config(self) -> EngineConfig:
+        """The engine process's configuration, validated."""
+        config = EngineConfig(
+            model=self.model,
+            device=self.device,
+            dtype=self.dtype,
+            max_workers=self.max_workers,
+            max_tokens=self.max_tokens,
+            max_sessions=self.max_sessions,
+            cache_budget_tokens=self.cache_budget_tokens,
+        )
+        config.validate()
+        return config
+
+    @property
+    def max_requests(self) -> int:
+        """Requests in flight at once (running + queued); one more is answered 503."""
+        return self.max_sessions + self.max_queued

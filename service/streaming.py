@@ -1,0 +1,94 @@
+"""Server-sent events for one streamed completion, in the OpenAI completion-chunk shape plus a `hogwild` object.
+
+Frame order: the chunks of all workers in generation order; one "finish" chunk per worker; a usage chunk when
+asked; `data: [DONE]`. An error after the stream started is one `data: {"error": ...}` frame, then `data: [DONE]`.
+While no event arrives (the request waits in the queue, or a long prefill runs), a `: ping` comment goes out
+every keep-alive interval.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import AsyncIterator, Callable
+
+from engine.events import AnswerEvent, DoneEvent, ErrorEvent, Event, InsertedEvent, StepEndEvent, TokenEvent
+from service.bridge import Session
+from service.errors import error_body
+
+DONE_FRAME = b"data: [DONE]\n\n"
+PING_FRAME = b": ping\n\n"
+ERROR_STATUS_BY_CODE = {"engine_unavailable": 503}
+
+
+def frame(payload: dict) -> bytes:
+    """One SSE data event; JSON never contains a raw newline, so one `data:` line suffices."""
+    return b"data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+class ChunkWriter:
+    """Turns one session's engine events into SSE frames.
+
+    Invariant: once a DoneEvent or ErrorEvent was written, `outcome` is set and no further frame is produced.
+    """
+
+    def __init__(self, completion_id: str, created: int, model: str, names: tuple[str, ...], include_usage: bool):
+        self.names = names
+        self.include_usage = include_usage
+        self.outcome: str | None = None  # "ok" or "error" once the session ended
+        self._header = {"id": completion_id, "object": "text_completion", "created": created, "model": model}
+        self._steps = [1] * len(names)
+
+    def frames(self, event: Event) -> list[bytes]:
+        if isinstance(event, (TokenEvent, InsertedEvent, StepEndEvent, AnswerEvent)):
+            self._steps[event.worker] = event.step
+            return [frame(self._worker_chunk(event))]
+        if isinstance(event, DoneEvent):
+            self.outcome = "ok"
+            return self._finish(event)
+        self.outcome = "error"
+        status = ERROR_STATUS_BY_CODE.get(event.code, 500)
+        return [frame(error_body(status, event.message, event.code)), DONE_FRAME]
+
+    def _worker_chunk(self, event: TokenEvent | InsertedEvent | StepEndEvent | AnswerEvent) -> dict:
+        hogwild: dict = {"worker": event.worker, "name": self.names[event.worker], "step": event.step, "kind": event.kind}
+        text = ""
+        if isinstance(event, (TokenEvent, InsertedEvent)):
+            text = event.text
+            hogwild["token_ids"] = list(event.token_ids)
+            if isinstance(event, InsertedEvent):
+                hogwild["reason"] = event.reason
+        elif isinstance(event, StepEndEvent):
+            hogwild["step_text"] = event.text
+        else:
+            hogwild["answer"] = event.text
+        choice = {"index": event.worker, "text": text, "logprobs": None, "finish_reason": None}
+        return {**self._header, "choices": [choice], "hogwild": hogwild}
+
+    def _finish(self, done: DoneEvent) -> list[bytes]:
+        frames = []
+        for worker, reason in enumerate(done.finish_reasons):
+            choice = {"index": worker, "text": "", "logprobs": None, "finish_reason": reason}
+            hogwild = {"worker": worker, "name": self.names[worker], "step": self._steps[worker], "kind": "finish"}
+            frames.append(frame({**self._header, "choices": [choice], "hogwild": hogwild}))
+        if self.include_usage:
+            frames.append(frame({**self._header, "choices": [], "usage": done.usage.to_dict()}))
+        frames.append(DONE_FRAME)
+        return frames
+
+
+async def stream_session(
+    session: Session, writer: ChunkWriter, keepalive_seconds: float, on_end: Callable[[str], None]
+) -> AsyncIterator[bytes]:
+    """The SSE body of one session. However it ends (done, error, client gone), the session is closed, which
+    cancels the engine's work if any is left, and `on_end` receives the outcome ("ok", "error", "cancelled")."""
+    try:
+        while writer.outcome is None:
+            event = await session.next_event(keepalive_seconds)
+            if event is None:
+                yield PING_FRAME
+                continue
+            for data in writer.frames(event):
+                yield data
+    finally:
+        session.close()
+        on_end(writer.outcome or "cancelled")
