@@ -3,15 +3,20 @@ server with a tiny model."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
-from collections.abc import AsyncIterator
+import re
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import httpx
 import pytest
+from live_server import LiveServer, wait_for_sessions
 
 from clients import (
     AsyncHogwildClient,
+    Completion,
     HogwildAPIError,
     HogwildClient,
     HogwildConnectionError,
@@ -19,6 +24,7 @@ from clients import (
     group_by_worker,
     worker_texts,
 )
+from clients.cli_client import add_arguments, run_client
 from clients.sse import SSEParser
 
 
@@ -232,3 +238,124 @@ def test_request_body_sends_only_given_options_and_the_api_key() -> None:
     }
     assert seen[0].headers["authorization"] == "Bearer k1"
     assert seen[0].url == "http://test/v1/hogwild/completions"
+
+
+# ---- against a live server with the tiny model ----------------------------------------------------------------
+
+API_KEY = "client-test-key"
+GREEDY = {"workers": 2, "max_tokens": 6, "temperature": 0.0}
+LONG = {"workers": 2, "max_tokens": 1000, "temperature": 0.0}  # runs until cancelled (~10 s alone)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir: Path) -> Iterator[str]:
+    """One session at a time and no queue, so a second request while one runs is a 503."""
+    env = {
+        "HOGWILD_MODEL": str(tiny_model_dir),
+        "HOGWILD_DEVICE": "cpu",
+        "HOGWILD_DTYPE": "float32",
+        "HOGWILD_API_KEY": API_KEY,
+        "HOGWILD_MAX_SESSIONS": "1",
+        "HOGWILD_MAX_QUEUED": "0",
+        "HOGWILD_MAX_TOKENS": "1000",
+    }
+    with LiveServer(env, []) as url:
+        yield url
+
+
+@pytest.fixture()
+def live(server: str) -> Iterator[HogwildClient]:
+    """An authorized client; every test starts with an idle engine."""
+    wait_for_sessions(server, running=0)
+    with HogwildClient(server, api_key=API_KEY, timeout=60) as client:
+        yield client
+
+
+def test_live_stream_matches_the_non_stream_completion(live: HogwildClient) -> None:
+    events = list(live.stream("Add 2 and 3.", include_usage=True, **GREEDY))
+    completion = live.complete("Add 2 and 3.", **GREEDY)
+    assert {e.worker for e in events if e.worker is not None} == {0, 1}
+    for worker in (0, 1):
+        kinds = [e.kind for e in group_by_worker(events)[worker]]
+        assert kinds[0] == "inserted" and kinds[-1] == "finish" and "token" in kinds
+    assert worker_texts(events) == {c.index: c.text for c in completion.choices}, "greedy: same text both ways"
+    assert [c.worker for c in completion.choices] == ["Alice", "Bob"]
+    usage = events[-1].usage
+    assert events[-1].kind == "usage" and usage is not None and usage.completion_tokens_per_worker == (6, 6)
+    assert completion.usage == usage
+    assert [e.finish_reason for e in events if e.kind == "finish"] == [c.finish_reason for c in completion.choices]
+
+
+def test_live_async_client_streams_and_completes(server: str, live: HogwildClient) -> None:
+    async def run() -> tuple[list[StreamEvent], Completion]:
+        async with AsyncHogwildClient(server, api_key=API_KEY, timeout=60) as client:
+            assert await client.models() == live.models()
+            events = [event async for event in client.stream("Add 2 and 3.", **GREEDY)]
+            return events, await client.complete("Add 2 and 3.", **GREEDY)
+
+    events, completion = asyncio.run(run())
+    assert worker_texts(events) == {c.index: c.text for c in completion.choices}
+    assert worker_texts(events) == {c.index: c.text for c in live.complete("Add 2 and 3.", **GREEDY).choices}
+
+
+def test_live_invalid_input_is_a_400_naming_the_field(live: HogwildClient) -> None:
+    for call in (lambda: live.complete("task", workers=99), lambda: list(live.stream("task", workers=99))):
+        with pytest.raises(HogwildAPIError) as raised:
+            call()
+        assert (raised.value.status, raised.value.param) == (400, "workers")
+        assert "workers" in raised.value.message
+
+
+def test_live_wrong_api_key_is_a_401(server: str) -> None:
+    for key in (None, "wrong"):
+        with HogwildClient(server, api_key=key) as client, pytest.raises(HogwildAPIError) as raised:
+            client.complete("task", max_tokens=1)
+        assert raised.value.status == 401 and raised.value.message
+
+
+def test_live_busy_server_is_a_503_with_retry_after_and_closing_a_stream_cancels(
+    server: str, live: HogwildClient
+) -> None:
+    with live.stream("Count to a thousand.", **LONG) as events:
+        assert next(events).worker is not None
+        wait_for_sessions(server, running=1)
+        with pytest.raises(HogwildAPIError) as raised:
+            live.complete("task", max_tokens=1)
+        assert raised.value.status == 503 and raised.value.retry_after is not None and raised.value.retry_after >= 1
+    assert wait_for_sessions(server, running=0, timeout=5.0) < 5.0, "leaving the with-block cancels the session"
+
+
+def test_cli_client_streams_lanes_and_exits_zero(server: str, capsys: pytest.CaptureFixture[str]) -> None:
+    args = cli_args(server, "--workers", "3", "--max-tokens", "5", "--temperature", "0", "--plain")
+    assert run_client(args) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert {line.split("]")[0] + "]" for line in out if line.startswith("[")} == {"[Alice]", "[Bob]", "[Carol]"}
+    assert out[-2].startswith("Answer: ")
+    assert re.match(r"Tokens: \d+ prompt, 15 completion \(Alice 5, Bob 5, Carol 5\); steps: \d+;", out[-1])
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--workers", "12"], "workers must be between 1 and"),
+        (["--max-tokens", "5", "--api-key", "wrong"], "HTTP 401"),
+    ],
+)
+def test_cli_client_prints_server_errors_without_traceback(
+    server: str, capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+) -> None:
+    args = cli_args(server, *extra)
+    assert run_client(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+def test_cli_client_reports_an_unreachable_server() -> None:
+    assert run_client(cli_args("http://127.0.0.1:9")) == 1
+
+
+def cli_args(url: str, *extra: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    key = [] if "--api-key" in extra else ["--api-key", API_KEY]
+    return parser.parse_args(["What is 2 + 3?", "--url", url, *key, *extra])
