@@ -20,7 +20,7 @@ from engine import prompts
 from engine.cache import SessionCache
 from engine.config import EngineConfig, SamplingParams, SessionRequest
 from engine.errors import CapacityError, ContextLengthError, InvalidRequestError
-from engine.events import ErrorEvent, Event
+from engine.events import ErrorEvent, Event, WorkerView
 from engine.model import LoadedModel, load_model
 from engine.plan import build_forward
 from engine.sampling import make_generator, sample
@@ -109,6 +109,10 @@ class Engine:
         self._generators.pop(session_id, None)
         self._reserved.pop(session_id, None)
         return self._sessions.pop(session_id, None) is not None
+
+    def view(self, session_id: str, worker: int) -> WorkerView:
+        """A running session's worker view as token ids in view order, flagged where the model sampled them."""
+        return self._sessions[session_id].view(worker)
 
     def longest_view_bound(self, request: SessionRequest, prompt_tokens: int) -> int:
         """Tokens the longest view can reach: prompt, labels, every worker's budget and what the engine inserts."""

@@ -31,7 +31,8 @@ def check_rope(config: object) -> None:
             f"rope_type '{rope_type}' changes its frequencies with the sequence length, so keys stored at "
             f"block-local positions cannot be re-rotated exactly (supported: {', '.join(LINEAR_ROPE_TYPES)})"
         )
-    partial = getattr(config, "partial_rotary_factor", 1.0) or 1.0
+    params = getattr(config, "rope_parameters", None) or {}
+    partial = params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) or 1.0
     if partial != 1.0:
         raise UnsupportedModelError("partial rotary embeddings (partial_rotary_factor < 1) are not supported")
 

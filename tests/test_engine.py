@@ -1,0 +1,232 @@
+"""The engine end to end on real and tiny models: equivalences, determinism, batching, errors, cleanup."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from engine.config import EngineConfig, SamplingParams, SessionRequest
+from engine.engine import Engine
+from engine.errors import CapacityError, ContextLengthError, InvalidRequestError, ModelNotFoundError, UnsupportedModelError
+from engine.events import DoneEvent, ErrorEvent, StepEndEvent, TokenEvent
+
+GREEDY = SamplingParams(temperature=0.0)
+TASK = "Find the sum of the first ten odd numbers."
+
+
+def engine_for(path: Path, **config: object) -> Engine:
+    return Engine.load(EngineConfig(model=str(path), device="cpu", dtype="float32", **config))  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def real_engine(default_model_dir: Path) -> Engine:
+    return engine_for(default_model_dir)
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_model_dir: Path) -> Engine:
+    return engine_for(tiny_model_dir)
+
+
+def tokens_by_worker(events: list) -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for event in events:
+        if isinstance(event, TokenEvent):
+            out.setdefault(event.worker, []).extend(event.token_ids)
+    return out
+
+
+@pytest.mark.slow
+def test_one_worker_is_greedy_decoding_until_its_first_step_moves(real_engine: Engine, default_model_dir: Path) -> None:
+    plain = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval()
+    real_engine.add_session("greedy", SessionRequest(prompt=TASK, num_workers=1, max_tokens=40, sampling=GREEDY))
+    checked = 0
+    try:
+        while True:
+            events = [e for _, e in real_engine.step()]
+            if any(isinstance(e, (StepEndEvent, DoneEvent)) for e in events):
+                break
+            view = real_engine.view("greedy", 0)
+            with torch.inference_mode():
+                expected = plain(input_ids=torch.tensor([view.token_ids])).logits[0, -1].argmax().item()
+            sampled = real_engine._sessions["greedy"].workers[0].pending.ids[-1]
+            assert sampled == expected, f"token {checked} differs from greedy decoding"
+            checked += 1
+    finally:
+        real_engine.cancel("greedy")
+    assert checked >= 5
+
+
+@pytest.mark.slow
+def test_fast_and_reference_attention_give_the_same_session(real_engine: Engine) -> None:
+    request = SessionRequest(prompt=TASK, num_workers=3, max_tokens=24, sampling=GREEDY, final_answer=False)
+    fast = list(real_engine.generate(request))
+    real_engine.reference_attention = True
+    try:
+        reference = list(real_engine.generate(request))
+    finally:
+        real_engine.reference_attention = False
+    assert any(isinstance(e, StepEndEvent) for e in fast), "the session should move a step into the history"
+    assert tokens_by_worker(fast) == tokens_by_worker(reference)
+    assert fast[-1] == reference[-1]
+
+
+def test_same_seed_gives_the_same_output(tiny_engine: Engine) -> None:
+    def run(seed: int) -> dict[int, list[int]]:
+        sampling = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=seed)
+        return tokens_by_worker(list(tiny_engine.generate(SessionRequest(prompt=TASK, num_workers=2, max_tokens=12, sampling=sampling))))
+
+    assert run(7) == run(7)
+    assert run(7) != run(8)
+
+
+def test_sessions_batched_together_match_solo_runs(tiny_engine: Engine) -> None:
+    requests = {
+        "a": SessionRequest(prompt=TASK, num_workers=2, max_tokens=10, sampling=GREEDY, final_answer=False),
+        "b": SessionRequest(prompt="Name three primes.", num_workers=3, max_tokens=6, sampling=GREEDY, final_answer=False),
+    }
+    solo = {name: tokens_by_worker(list(tiny_engine.generate(r))) for name, r in requests.items()}
+    for name, request in requests.items():
+        tiny_engine.add_session(name, request)
+    batched: dict[str, list] = {"a": [], "b": []}
+    while tiny_engine.num_running:
+        for session_id, event in tiny_engine.step():
+            batched[session_id].append(event)
+    assert {name: tokens_by_worker(events) for name, events in batched.items()} == solo
+
+
+def test_done_reports_usage_and_frees_the_cache(tiny_engine: Engine) -> None:
+    events = list(tiny_engine.generate(SessionRequest(prompt=TASK, num_workers=3, max_tokens=5, final_answer=False)))
+    done = events[-1]
+    assert isinstance(done, DoneEvent)
+    assert done.usage.completion_tokens_per_worker == (5, 5, 5)
+    assert done.usage.prompt_tokens > 0 and done.finish_reasons == ("length",) * 3
+    assert tiny_engine.num_running == 0 and tiny_engine.cache_bytes == 0
+
+
+def test_return_views_gives_every_workers_view(tiny_engine: Engine) -> None:
+    request = SessionRequest(prompt=TASK, num_workers=2, max_tokens=4, final_answer=False, return_views=True)
+    done = list(tiny_engine.generate(request))[-1]
+    assert isinstance(done, DoneEvent) and done.views is not None and len(done.views) == 2
+    for view in done.views:
+        assert sum(view.is_sampled) == 2 * 4 - 2  # each worker's last sample is never fed
+
+
+def test_cancel_frees_the_session_at_once(tiny_engine: Engine) -> None:
+    tiny_engine.add_session("c", SessionRequest(prompt=TASK, num_workers=2, max_tokens=100))
+    tiny_engine.step()
+    assert tiny_engine.cache_bytes > 0
+    assert tiny_engine.cancel("c")
+    assert tiny_engine.num_running == 0 and tiny_engine.cache_bytes == 0 and tiny_engine.step() == []
+
+
+def test_a_failed_forward_fails_its_sessions_and_the_engine_goes_on(tiny_engine: Engine, monkeypatch) -> None:
+    tiny_engine.add_session("f", SessionRequest(prompt=TASK, num_workers=2, max_tokens=5))
+    monkeypatch.setattr(tiny_engine, "_advance", lambda active: (_ for _ in ()).throw(RuntimeError("boom")))
+    events = tiny_engine.step()
+    assert [(sid, type(e)) for sid, e in events] == [("f", ErrorEvent)] and "boom" in events[0][1].message
+    monkeypatch.undo()
+    assert tiny_engine.num_running == 0
+    assert isinstance(list(tiny_engine.generate(SessionRequest(prompt=TASK, max_tokens=2)))[-1], DoneEvent)
+
+
+@pytest.mark.parametrize(
+    "fields,param",
+    [
+        ({"num_workers": 0}, "workers"),
+        ({"num_workers": 9}, "workers"),
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": "   "}, "prompt"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": 100_000}, "max_tokens"),
+        ({"sampling": SamplingParams(temperature=-1)}, "temperature"),
+        ({"sampling": SamplingParams(temperature=3)}, "temperature"),
+        ({"sampling": SamplingParams(top_p=0)}, "top_p"),
+        ({"sampling": SamplingParams(top_k=-1)}, "top_k"),
+        ({"sampling": SamplingParams(seed=-5)}, "seed"),
+        ({"redundancy_check_every": -1}, "redundancy_check_every"),
+        ({"num_workers": 2, "worker_names": ("Ann",)}, "worker_names"),
+        ({"num_workers": 2, "worker_names": ("Ann", "Ann")}, "worker_names"),
+        ({"num_workers": 1, "worker_names": ("A\nB",)}, "worker_names"),
+    ],
+)
+def test_bad_input_is_refused_before_any_work(tiny_engine: Engine, fields: dict, param: str) -> None:
+    request = SessionRequest(**{"prompt": TASK, **fields})
+    with pytest.raises(InvalidRequestError) as error:
+        tiny_engine.add_session("bad", request)
+    assert error.value.param == param
+    assert tiny_engine.num_running == 0
+
+
+def test_a_session_that_cannot_fit_the_context_is_refused(tiny_engine: Engine) -> None:
+    request = SessionRequest(prompt=TASK, num_workers=4, max_tokens=1500)  # 4 x 1500 > 4096
+    with pytest.raises(ContextLengthError, match="context of 4096"):
+        tiny_engine.check(request)
+    with pytest.raises(ContextLengthError):
+        tiny_engine.check(SessionRequest(prompt="word " * 5000, num_workers=1, max_tokens=1))
+
+
+def test_capacity_limits_refuse_extra_sessions(tiny_model_dir: Path) -> None:
+    engine = engine_for(tiny_model_dir, max_sessions=1)
+    engine.add_session("one", SessionRequest(prompt=TASK, max_tokens=4))
+    with pytest.raises(CapacityError):
+        engine.add_session("two", SessionRequest(prompt=TASK, max_tokens=4))
+    budget = engine_for(tiny_model_dir, cache_budget_tokens=600)
+    with pytest.raises(CapacityError, match="budget"):
+        budget.add_session("big", SessionRequest(prompt=TASK, num_workers=2, max_tokens=400))
+
+
+def test_unknown_model_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ModelNotFoundError):
+        engine_for(tmp_path / "missing")
+    with pytest.raises(ModelNotFoundError):
+        engine_for(tmp_path)  # a folder without a config
+
+
+@pytest.mark.parametrize(
+    "family,overrides,reason",
+    [
+        ("llama", {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}}, "dynamic"),
+        (
+            "llama",
+            {"rope_parameters": {"rope_type": "linear", "rope_theta": 1e4, "factor": 1.0, "partial_rotary_factor": 0.5}},
+            "partial",
+        ),
+    ],
+)
+def test_models_that_cannot_be_re_rotated_are_refused(tiny_model_factory, family: str, overrides: dict, reason: str) -> None:
+    with pytest.raises(UnsupportedModelError, match=reason):
+        engine_for(tiny_model_factory(family, **overrides))
+
+
+def test_models_without_rope_are_refused(tmp_path: Path) -> None:
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedModelError, match="gpt2"):
+        engine_for(tmp_path)
+
+
+def test_sliding_window_limits_the_context(tiny_model_factory) -> None:
+    engine = engine_for(tiny_model_factory("mistral", sliding_window=1024))
+    assert engine.context_length == 1024
+
+
+def test_every_worker_count_runs(tiny_engine: Engine) -> None:
+    for workers in (1, 8):
+        done = list(tiny_engine.generate(SessionRequest(prompt=TASK, num_workers=workers, max_tokens=2)))[-1]
+        assert isinstance(done, DoneEvent) and len(done.finish_reasons) == workers
+
+
+def test_generate_does_not_mix_with_batched_sessions(tiny_engine: Engine) -> None:
+    tiny_engine.add_session("other", SessionRequest(prompt=TASK, max_tokens=4))
+    try:
+        with pytest.raises(RuntimeError, match="alone"):
+            next(tiny_engine.generate(SessionRequest(prompt=TASK, max_tokens=4)))
+    finally:
+        tiny_engine.cancel("other")
+    assert list(itertools.islice(tiny_engine.generate(SessionRequest(prompt=TASK, max_tokens=4)), 1))
