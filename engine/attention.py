@@ -35,11 +35,11 @@ def hogwild_attention(
         raise RuntimeError("the hogwild attention runs only inside an engine forward (plan and inv_freq missing)")
     layer = module.layer_idx
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    attend = BACKENDS[hogwild.attention]
     out = torch.empty_like(query[0])  # (Hq, N, D)
     for group in hogwild.groups:
         q, k, v = query[0, :, group.rows], key[0, :, group.rows], value[0, :, group.rows]
         write_cache(group, layer, k, v)
-        attend = reference_group_attention if hogwild.reference else fast_group_attention
         out[:, group.rows] = attend(group, layer, q, scale, inv_freq)
     return out.transpose(0, 1).unsqueeze(0), None  # (1, N, Hq, D)
 
@@ -64,12 +64,13 @@ def fast_group_attention(
     num_kv = cache.common_k.shape[1]
     rows = num_q_heads // num_kv * n  # query rows per KV head (G * n)
     lc, ls = group.common_len, group.small_len
-    q_rot = rotate(q.view(1, num_kv, -1, n, dim), group.cos, group.sin)  # (1 + Bs, Hkv, G, n, D)
-    scores = q_rot[0].reshape(num_kv, rows, dim) @ cache.common_k[layer][:, :lc].transpose(1, 2)  # (Hkv, G*n, Lc)
+    q_common = rotate(q.view(num_kv, -1, n, dim), group.cos[0, 0], group.sin[0, 0]).reshape(num_kv, rows, dim)
+    scores = q_common @ cache.common_k[layer][:, :lc].transpose(1, 2)  # (Hkv, G*n, Lc)
     if ls:
         small_k = cache.small_k[layer][:, :, :ls]  # (Bs, Hkv, S, D)
         num_small = small_k.shape[0]
-        small = q_rot[1:].reshape(num_small, num_kv, rows, dim) @ small_k.transpose(2, 3)  # (Bs, Hkv, G*n, S)
+        q_small = rotate(q.view(1, num_kv, -1, n, dim), group.cos[1:], group.sin[1:])  # (Bs, Hkv, G, n, D)
+        small = q_small.reshape(num_small, num_kv, rows, dim) @ small_k.transpose(2, 3)  # (Bs, Hkv, G*n, S)
         scores = torch.cat([scores, small.permute(1, 2, 0, 3).reshape(num_kv, rows, num_small * ls)], dim=2)
     scores = scores.float().view(num_kv, -1, n, scores.shape[-1]) * scale + group.mask  # (Hkv, G, n, cols)
     probs = scores.softmax(dim=-1).to(q.dtype).view(num_kv, rows, -1)
@@ -104,7 +105,7 @@ def _explicit_view(
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Token i's view as one flat key/value sequence with keys rotated at view positions; and its own offset."""
     cache = group.cache
-    vis, offset, own = group.vis[i].tolist(), group.offset[i].tolist(), int(group.own[i])
+    vis, offset = group.vis[i].tolist(), group.offset[i].tolist()
     order = sorted((b for b in range(len(vis)) if vis[b] > 0), key=lambda b: offset[b])  # own block is last
     keys, values = [], []
     for b in order:
@@ -113,4 +114,12 @@ def _explicit_view(
         cos, sin = cos_sin(torch.tensor(offset[b], device=k.device), inv_freq, k.dtype)
         keys.append(rotate(k, cos, sin))  # stored at local j, now at view position offset + j
         values.append(v)
-    return torch.cat(keys, dim=1), torch.cat(values, dim=1), offset[own]
+    return torch.cat(keys, dim=1), torch.cat(values, dim=1), offset[int(group.own[i])]
+
+
+BACKENDS = {"torch": fast_group_attention, "reference": reference_group_attention}
+
+
+def default_attention(device: torch.device) -> str:
+    """The Triton kernel on CUDA when Triton is installed, else the PyTorch path."""
+    return "triton" if device.type == "cuda" and "triton" in BACKENDS else "torch"

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from engine import prompts
+from engine.attention import default_attention
 from engine.cache import SessionCache
 from engine.config import EngineConfig, SamplingParams, SessionRequest
 from engine.errors import CapacityError, ContextLengthError, InvalidRequestError
@@ -36,7 +37,7 @@ class Engine:
     def __init__(self, model: LoadedModel, config: EngineConfig | None = None) -> None:
         self.model = model
         self.config = config or EngineConfig()
-        self.reference_attention = False  # the slow twin, for tests
+        self.attention = default_attention(model.device)  # a name in engine.attention.BACKENDS
         self._sessions: dict[str, Session] = {}
         self._generators: dict[str, torch.Generator] = {}
         self._reserved: dict[str, int] = {}
@@ -154,7 +155,7 @@ class Engine:
 
     def _advance(self, active: list[tuple[Session, list]]) -> None:
         m = self.model
-        plan = build_forward([(s.cache, runs) for s, runs in active], m.inv_freq, m.dtype, self.reference_attention)
+        plan = build_forward([(s.cache, runs) for s, runs in active], m.inv_freq, m.dtype, self.attention)
         with torch.inference_mode():
             output = m.model(
                 input_ids=plan.input_ids,
@@ -168,8 +169,9 @@ class Engine:
         row = 0
         for session, runs in active:
             count = sum(run.want_logits for run in runs)
-            params = GREEDY if session.is_finishing else session.request.sampling
-            session.commit(sample(logits[row : row + count], params, self._generators[session.id]))
+            if count:  # a prefill chunk of a long prompt samples nothing
+                params = GREEDY if session.is_finishing else session.request.sampling
+                session.commit(sample(logits[row : row + count], params, self._generators[session.id]))
             row += count
 
     def _fail(self, sessions: list[Session], exc: Exception) -> list[tuple[str, Event]]:

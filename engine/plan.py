@@ -51,8 +51,9 @@ class GroupPlan:
     small_rows: torch.Tensor  # (ns,)
     small_block: torch.Tensor  # (ns,) small-block index (block - 1)
     small_pos: torch.Tensor  # (ns,)
-    offset: torch.Tensor  # (n, 1 + Bs) long view offsets, kept on the host for the reference attention
+    delta: torch.Tensor  # (n, 1 + Bs) long query rotation per block (0 where hidden)
     vis: torch.Tensor  # (n, 1 + Bs) long
+    offset: torch.Tensor  # (n, 1 + Bs) long view offsets
     own: torch.Tensor  # (n,) long: the block each token is written to
 
 
@@ -62,7 +63,7 @@ class ForwardPlan:
     position_ids: torch.Tensor  # (1, N) block-local positions
     logit_rows: torch.Tensor  # (K,) packed indices whose logits are returned, in request order
     groups: list[GroupPlan] = field(default_factory=list)
-    reference: bool = False  # use the slow, obviously-correct attention
+    attention: str = "torch"  # a name in engine.attention.BACKENDS
 
 
 def _run_tables(run: Run, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,9 +117,10 @@ def build_group(
         small_rows=as_device((~is_common).nonzero().flatten()),
         small_block=as_device(blocks[~is_common] - 1),
         small_pos=as_device(positions[~is_common]),
-        offset=offset,
-        vis=vis,
-        own=blocks,
+        delta=as_device(delta),
+        vis=as_device(vis),
+        offset=as_device(offset),
+        own=as_device(blocks),
     )
 
 
@@ -134,7 +136,7 @@ def build_forward(
     session_runs: list[tuple[SessionCache, list[Run]]],
     inv_freq: torch.Tensor,
     dtype: torch.dtype,
-    reference: bool = False,
+    attention: str = "torch",
 ) -> ForwardPlan:
     """Packs every session's runs into one row. logit_rows follow the order of runs with want_logits."""
     token_ids: list[int] = []
@@ -155,5 +157,5 @@ def build_forward(
         position_ids=torch.tensor([positions], device=device),
         logit_rows=torch.tensor(logit_rows, device=device, dtype=torch.long),
         groups=groups,
-        reference=reference,
+        attention=attention,
     )

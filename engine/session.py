@@ -38,6 +38,7 @@ from engine.text import BOXED, extract_boxed, is_step_end
 COMMON, OTHERS_LABEL, OWN_LABEL = 0, 1, 2
 FIRST_STEP_BLOCK = 3
 FINISHER_MAX_TOKENS = 32
+PREFILL_CHUNK = 512  # prompt tokens per forward
 
 
 @dataclass
@@ -91,7 +92,8 @@ class Session:
         self._finishing = False
         self._finisher_text = ""
         self._finisher_tokens = 0
-        self._prefilled = False
+        self._prompt_len = len(prompt_ids)
+        self._prefilled = 0  # prompt tokens already fed
         self.answer: str | None = None
         self.done = False
         self.history: list[tuple[int, int]] = []  # (worker, step) of each block in the history, in order
@@ -104,8 +106,7 @@ class Session:
 
     def runs(self) -> list[Run]:
         """The tokens of this session's next forward. Moves finished steps into the history first."""
-        if not self._prefilled:
-            self._prefilled = True
+        if self._prefilled < self._prompt_len:
             return self._prefill_runs()
         for worker in self.workers:
             if worker.step_done:
@@ -117,10 +118,15 @@ class Session:
         return [self._worker_run(w) for w in feeding]
 
     def _prefill_runs(self) -> list[Run]:
+        """The prompt in chunks (bounding the work of one forward); the last chunk brings labels and first steps."""
+        start = self._prefilled
+        self._prefilled = min(start + PREFILL_CHUNK, self._prompt_len)
+        runs = [Run(COMMON, start, tuple(self.common.ids[start : self._prefilled]), ())]
+        if self._prefilled < self._prompt_len:
+            return runs
         others, own = self.labels
         lc = len(self.common)
-        runs = [
-            Run(COMMON, 0, tuple(self.common.ids), ()),
+        runs += [
             Run(OTHERS_LABEL, 0, tuple(others), ((COMMON, lc),)),
             Run(OWN_LABEL, 0, tuple(own), ((COMMON, lc), (OTHERS_LABEL, len(others)))),
         ]

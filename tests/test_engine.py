@@ -65,11 +65,11 @@ def test_one_worker_is_greedy_decoding_until_its_first_step_moves(real_engine: E
 def test_fast_and_reference_attention_give_the_same_session(real_engine: Engine) -> None:
     request = SessionRequest(prompt=TASK, num_workers=3, max_tokens=24, sampling=GREEDY, final_answer=False)
     fast = list(real_engine.generate(request))
-    real_engine.reference_attention = True
+    real_engine.attention = "reference"
     try:
         reference = list(real_engine.generate(request))
     finally:
-        real_engine.reference_attention = False
+        real_engine.attention = "torch"
     assert any(isinstance(e, StepEndEvent) for e in fast), "the session should move a step into the history"
     assert tokens_by_worker(fast) == tokens_by_worker(reference)
     assert fast[-1] == reference[-1]
@@ -230,3 +230,14 @@ def test_generate_does_not_mix_with_batched_sessions(tiny_engine: Engine) -> Non
     finally:
         tiny_engine.cancel("other")
     assert list(itertools.islice(tiny_engine.generate(SessionRequest(prompt=TASK, max_tokens=4)), 1))
+
+
+def test_a_long_prompt_prefilled_in_chunks_gives_the_same_session(tiny_engine: Engine, monkeypatch) -> None:
+    import engine.session
+
+    request = SessionRequest(prompt="count the words " * 60, num_workers=2, max_tokens=6, sampling=GREEDY)
+    assert tiny_engine.check(request) > 3 * 64
+    whole = tokens_by_worker(list(tiny_engine.generate(request)))
+    monkeypatch.setattr(engine.session, "PREFILL_CHUNK", 64)
+    chunked = tokens_by_worker(list(tiny_engine.generate(request)))
+    assert chunked == whole
