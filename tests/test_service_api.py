@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -83,7 +86,9 @@ def test_models_lists_the_served_model(client: httpx.Client) -> None:
 
 
 def test_non_stream_answers_one_choice_per_worker(client: httpx.Client, model_id: str) -> None:
-    response = complete(client, prompt="What is 2+2?", workers=3, max_tokens=10, seed=7, model=model_id)
+    response = complete(
+        client, prompt="What is 2+2?", workers=3, max_tokens=10, seed=7, model=model_id, final_answer=False
+    )
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["id"].startswith("cmpl-") and body["object"] == "text_completion" and body["model"] == model_id
@@ -139,14 +144,16 @@ def test_stream_follows_the_chunk_protocol(client: httpx.Client, model_id: str) 
 
 
 def test_stream_without_include_usage_has_no_usage_chunk(client: httpx.Client) -> None:
-    chunks = stream_chunks(client, prompt="Hi", workers=1, max_tokens=4)
+    chunks = stream_chunks(client, prompt="Hi", workers=1, max_tokens=4, final_answer=False)
     assert chunks[-1] == "[DONE]"
     assert chunks[-2]["hogwild"]["kind"] == "finish"
     assert all("usage" not in chunk for chunk in chunks[:-1])
 
 
 def test_chunks_of_all_workers_interleave(client: httpx.Client) -> None:
-    chunks = stream_chunks(client, prompt="Plan a trip.", workers=3, max_tokens=16, temperature=0.0)
+    chunks = stream_chunks(
+        client, prompt="Plan a trip.", workers=3, max_tokens=16, temperature=0.0, final_answer=False
+    )
     tokens = [c["hogwild"]["worker"] for c in chunks[:-1] if c["hogwild"]["kind"] == "token"]
     positions = {worker: [i for i, w in enumerate(tokens) if w == worker] for worker in range(3)}
     for a in range(3):
@@ -158,8 +165,9 @@ def test_chunks_of_all_workers_interleave(client: httpx.Client) -> None:
 def test_openai_sdk_reads_the_stream(server: str, client: httpx.Client, model_id: str) -> None:
     sdk = openai.OpenAI(base_url=f"{server}/v1/hogwild", api_key=API_KEY, max_retries=0)
     request = {"prompt": "Name a color.", "max_tokens": 8, "temperature": 0.0}
+    final = {"final_answer": False}
     stream = sdk.completions.create(
-        model=model_id, stream=True, stream_options={"include_usage": True}, extra_body={"workers": 2}, **request
+        model=model_id, stream=True, stream_options={"include_usage": True}, extra_body={"workers": 2, **final}, **request
     )
     texts = {0: "", 1: ""}
     finish_reasons = {}
@@ -172,7 +180,7 @@ def test_openai_sdk_reads_the_stream(server: str, client: httpx.Client, model_id
             if choice.finish_reason is not None:
                 finish_reasons[choice.index] = choice.finish_reason
             assert chunk.model_extra["hogwild"]["worker"] == choice.index
-    whole = complete(client, workers=2, **request).json()
+    whole = complete(client, workers=2, **request, **final).json()
     assert texts == {c["index"]: c["text"] for c in whole["choices"]}
     assert finish_reasons == {c["index"]: c["finish_reason"] for c in whole["choices"]}
     assert usage is not None and usage.completion_tokens == whole["usage"]["completion_tokens"]
@@ -180,7 +188,9 @@ def test_openai_sdk_reads_the_stream(server: str, client: httpx.Client, model_id
 
 def test_openai_sdk_reads_a_non_stream_completion(server: str, model_id: str) -> None:
     sdk = openai.OpenAI(base_url=f"{server}/v1/hogwild", api_key=API_KEY, max_retries=0)
-    completion = sdk.completions.create(model=model_id, prompt="Hi", max_tokens=4, extra_body={"workers": 2})
+    completion = sdk.completions.create(
+        model=model_id, prompt="Hi", max_tokens=4, extra_body={"workers": 2, "final_answer": False}
+    )
     assert [choice.index for choice in completion.choices] == [0, 1]
     assert completion.usage is not None and completion.usage.completion_tokens > 0
     with pytest.raises(openai.NotFoundError):
@@ -275,7 +285,7 @@ def test_full_queue_is_503_with_retry_after_and_waiting_streams_get_keepalives(
         first_lines = [next(waiting_lines) for _ in range(2)]
         assert first_lines[0] == ": ping"  # nothing generated yet: the queued request only gets keep-alives
     wait_for_sessions(server, running=0, waiting=0)
-    assert complete(client, prompt="Hi", max_tokens=2).status_code == 200  # room again
+    assert complete(client, prompt="Hi", max_tokens=2, final_answer=False).status_code == 200  # room again
 
 
 def test_closing_a_stream_cancels_the_session_in_the_engine(server: str, client: httpx.Client) -> None:
@@ -348,3 +358,18 @@ def test_root_serves_the_browser_demo_or_says_it_is_missing(server: str) -> None
 
 def test_unknown_path_is_an_openai_shaped_404(server: str) -> None:
     assert_error(httpx.get(f"{server}/v1/unknown", headers={"Authorization": f"Bearer {API_KEY}"}), 404)
+
+
+def test_hogwild_client_streams_lanes_from_the_server(server: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "service", "client", "Say hi", "--url", server, "--api-key", API_KEY,
+         "--workers", "2", "--max-tokens", "5", "--no-final-answer", "--plain"],
+        cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "[Alice] **Alice [1]:**" in result.stdout and "[Bob] **Bob [1]:**" in result.stdout
+    refused = subprocess.run(
+        [sys.executable, "-m", "service", "client", "Say hi", "--url", server, "--api-key", "wrong"],
+        cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, capture_output=True, text=True, timeout=60,
+    )
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr

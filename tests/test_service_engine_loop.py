@@ -1,0 +1,161 @@
+"""The engine process's scheduling loop, driven with a scripted stand-in for the engine.
+
+The loop's contract (accept/reject before events, FIFO admission under a limit, cancellation, surviving a failed
+step) does not depend on the model, and a failing step cannot be provoked on demand with a real one. The real
+engine runs behind the loop in tests/test_service_api.py and tests/test_service_lifecycle.py.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+
+from engine.config import SessionRequest
+from engine.errors import CapacityError, InvalidRequestError
+from engine.events import DoneEvent, ErrorEvent, Event, TokenEvent, Usage
+from service.engine_process import STEP_FAILED_MESSAGE, EngineLoop
+from service.messages import Accepted, Cancel, Occupancy, Rejected, Shutdown, StepEvents, Submit
+
+
+class ScriptedEngine:
+    """Each session samples one token per step for its one worker, `max_tokens` steps long. Prompt "bad" fails
+    the check, prompt "huge" never fits; `fail_steps` makes that many next steps raise."""
+
+    def __init__(self) -> None:
+        self.sessions: dict[str, list[int]] = {}  # id -> [tokens so far, budget]
+        self.fail_steps = 0
+
+    @property
+    def num_running(self) -> int:
+        return len(self.sessions)
+
+    def check(self, request: SessionRequest) -> int:
+        if request.prompt == "bad":
+            raise InvalidRequestError("bad prompt", "prompt")
+        return len(request.prompt)
+
+    def add_session(self, session_id: str, request: SessionRequest) -> None:
+        if request.prompt == "huge":
+            raise CapacityError("does not fit")
+        self.sessions[session_id] = [0, request.max_tokens]
+
+    def cancel(self, session_id: str) -> bool:
+        return self.sessions.pop(session_id, None) is not None
+
+    def step(self) -> list[tuple[str, Event]]:
+        if self.fail_steps:
+            self.fail_steps -= 1
+            raise RuntimeError("device lost")
+        events: list[tuple[str, Event]] = []
+        for session_id, progress in list(self.sessions.items()):
+            progress[0] += 1
+            events.append((session_id, TokenEvent(worker=0, step=1, text="x", token_ids=(1,))))
+            if progress[0] == progress[1]:
+                usage = Usage(prompt_tokens=1, completion_tokens_per_worker=(progress[0],), steps_per_worker=(1,))
+                events.append((session_id, DoneEvent(usage=usage, finish_reasons=("length",), answer=None)))
+                del self.sessions[session_id]
+        return events
+
+
+class Harness:
+    """Runs an EngineLoop in a thread over in-process queues; `send` commands, read replies until a condition."""
+
+    def __init__(self, engine: ScriptedEngine, max_running: int = 2) -> None:
+        self.engine = engine
+        self.inbox: queue.Queue = queue.Queue()
+        self.outbox: queue.Queue = queue.Queue()
+        self.replies: list = []
+        loop = EngineLoop(engine, max_running, self.inbox, self.outbox)  # type: ignore[arg-type]
+        self._thread = threading.Thread(target=loop.run)
+
+    def __enter__(self) -> Harness:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.inbox.put(Shutdown())
+        self._thread.join(timeout=10)
+        assert not self._thread.is_alive()
+
+    def send(self, *commands: object) -> None:
+        for command in commands:
+            self.inbox.put(command)
+
+    def until(self, is_done: Callable[[list], bool]) -> list:
+        """All replies so far, once `is_done(replies)` holds."""
+        while not is_done(self.replies):
+            self.replies.append(self.outbox.get(timeout=10))
+        return self.replies
+
+
+def ended(request_id: str) -> Callable[[list], bool]:
+    return lambda replies: any(
+        rid == request_id and isinstance(event, (DoneEvent, ErrorEvent)) for rid, event in events_of(replies)
+    )
+
+
+def request(prompt: str = "task", max_tokens: int = 3) -> SessionRequest:
+    return SessionRequest(prompt=prompt, num_workers=1, max_tokens=max_tokens)
+
+
+def events_of(replies: list) -> list[tuple[str, Event]]:
+    return [pair for reply in replies if isinstance(reply, StepEvents) for pair in reply.events]
+
+
+def test_every_submit_is_answered_before_its_events() -> None:
+    with Harness(ScriptedEngine()) as harness:
+        harness.send(Submit("a", request()), Submit("b", request("bad")))
+        replies = harness.until(ended("a"))
+    assert replies[0] == Accepted("a", 4)
+    assert replies[1] == Rejected("b", "invalid_request", "bad prompt", "prompt")
+    events = events_of(replies)
+    assert [request_id for request_id, _ in events] == ["a"] * 4
+    assert isinstance(events[-1][1], DoneEvent)
+
+
+def test_waiting_requests_are_admitted_in_order_within_the_running_limit() -> None:
+    with Harness(ScriptedEngine(), max_running=1) as harness:
+        harness.send(*[Submit(name, request()) for name in "abc"])
+        replies = harness.until(ended("c"))
+    order = [request_id for request_id, event in events_of(replies) if isinstance(event, TokenEvent)]
+    assert order == ["a"] * 3 + ["b"] * 3 + ["c"] * 3
+    occupancies = [reply for reply in replies if isinstance(reply, Occupancy)]
+    assert occupancies[0] == Occupancy(1, 2)
+    assert max(o.num_running for o in occupancies) == 1
+
+
+def test_cancel_drops_a_waiting_request_and_stops_a_running_one() -> None:
+    engine = ScriptedEngine()
+    with Harness(engine, max_running=1) as harness:
+        harness.send(Submit("a", request(max_tokens=10**9)), Submit("b", request()))
+        harness.until(lambda replies: Occupancy(1, 1) in replies)
+        harness.send(Cancel("b"), Cancel("a"))
+        replies = harness.until(lambda replies: replies[-1] == Occupancy(0, 0))
+        assert engine.sessions == {}
+        harness.send(Submit("c", request()))
+        replies = harness.until(ended("c"))
+    idle_at = replies.index(Occupancy(0, 0))
+    assert all(rid == "c" for reply in replies[idle_at:] if isinstance(reply, StepEvents) for rid, _ in reply.events)
+    assert not any(rid == "b" for rid, _ in events_of(replies))
+
+
+def test_a_failing_step_errors_its_sessions_and_the_loop_keeps_serving() -> None:
+    engine = ScriptedEngine()
+    engine.fail_steps = 1
+    with Harness(engine) as harness:
+        harness.send(Submit("a", request()), Submit("b", request()))
+        replies = harness.until(lambda replies: ended("a")(replies) and ended("b")(replies))
+        assert events_of(replies) == [("a", ErrorEvent(STEP_FAILED_MESSAGE)), ("b", ErrorEvent(STEP_FAILED_MESSAGE))]
+        assert engine.sessions == {}
+        harness.send(Submit("c", request()))
+        replies = harness.until(ended("c"))
+    assert isinstance(events_of(replies)[-1][1], DoneEvent)
+
+
+def test_a_request_that_can_never_fit_fails_instead_of_waiting_forever() -> None:
+    with Harness(ScriptedEngine()) as harness:
+        harness.send(Submit("a", request("huge")))
+        replies = harness.until(ended("a"))
+    assert replies[0] == Accepted("a", 4)
+    assert events_of(replies) == [("a", ErrorEvent("does not fit", "capacity_exceeded"))]

@@ -1,0 +1,100 @@
+"""The server's life around its engine process: loading, torch isolation, crash recovery, load failure."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from live_server import REPO_ROOT, LiveServer, free_port, metric_values, sse_data, wait_for_sessions
+
+LONG_SESSION = {"prompt": "Count to a thousand.", "max_tokens": 1200, "temperature": 0.0}
+QUICK_SESSION = {"prompt": "Hi", "max_tokens": 3, "final_answer": False}
+
+
+@pytest.fixture()
+def env(tiny_model_dir: Path) -> dict[str, str]:
+    return {"HOGWILD_MODEL": str(tiny_model_dir), "HOGWILD_DEVICE": "cpu", "HOGWILD_DTYPE": "float32"}
+
+
+def wait_for_health(url: str, status: int, timeout: float = 60.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        response = httpx.get(f"{url}/health", timeout=5.0)
+        if response.status_code == status:
+            return response.json()
+        time.sleep(0.05)
+    raise AssertionError(f"/health did not answer {status} within {timeout}s")
+
+
+def maps_torch(pid: int) -> bool:
+    """Whether process `pid` has torch's shared library mapped (importing torch maps it)."""
+    return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+
+
+def test_health_is_503_while_loading_then_200(env: dict[str, str]) -> None:
+    with LiveServer(env, [], wait_ready=False) as url:
+        first = httpx.get(f"{url}/health")
+        assert first.status_code == 503  # the engine process is still importing torch and loading
+        assert first.json()["status"] == "loading" and first.json()["model"] is None
+        refused = httpx.post(f"{url}/v1/hogwild/completions", json={"prompt": "Hi"})
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "engine_unavailable"
+        assert "Retry-After" in refused.headers
+        ready = wait_for_health(url, 200)
+        assert ready["status"] == "ok" and ready["model"]
+
+
+def test_api_process_never_imports_torch(env: dict[str, str]) -> None:
+    server = LiveServer(env, [])
+    with server as url:
+        assert httpx.post(f"{url}/v1/hogwild/completions", json=QUICK_SESSION).status_code == 200
+        assert server.process is not None
+        assert not maps_torch(server.process.pid)
+        engine_pid = server.engine_pid()
+        assert engine_pid is not None and maps_torch(engine_pid)  # the check does see torch where it is
+
+
+def test_engine_crash_fails_inflight_requests_then_the_server_recovers(env: dict[str, str]) -> None:
+    server = LiveServer(env, [])
+    with server as url, ThreadPoolExecutor(1) as pool:
+        old_pid = server.engine_pid()
+        assert old_pid is not None
+        pending = pool.submit(httpx.post, f"{url}/v1/hogwild/completions", json=LONG_SESSION, timeout=60.0)
+        with httpx.stream("POST", f"{url}/v1/hogwild/completions", json={**LONG_SESSION, "stream": True}) as stream:
+            data = sse_data(stream)
+            assert "hogwild" in json.loads(next(data))
+            wait_for_sessions(url, running=2)
+            os.kill(old_pid, signal.SIGKILL)
+            rest = list(data)
+        assert rest[-1] == "[DONE]"
+        assert json.loads(rest[-2])["error"]["code"] == "engine_unavailable"
+        non_stream = pending.result()
+        assert non_stream.status_code == 503 and non_stream.json()["error"]["code"] == "engine_unavailable"
+        assert "Retry-After" in non_stream.headers
+
+        assert httpx.get(f"{url}/health").status_code == 503
+        wait_for_health(url, 200)
+        new_pid = server.engine_pid()
+        assert new_pid is not None and new_pid != old_pid
+        again = httpx.post(f"{url}/v1/hogwild/completions", json=QUICK_SESSION)
+        assert again.status_code == 200
+        assert metric_values(httpx.get(f"{url}/metrics").text)["hogwild_engine_restarts_total"] == 1
+
+
+def test_serve_exits_with_a_clear_message_when_the_model_cannot_load(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-model"
+    command = [sys.executable, "-m", "service", "serve", "--model", str(missing), "--port", str(free_port())]
+    result = subprocess.run(
+        command, cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, capture_output=True, text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert f"cannot load model {str(missing)!r}" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,206 @@
+"""Service pieces that need no engine: settings, flags, error mapping, SSE framing, collection, metrics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from pydantic import ValidationError
+
+from engine.events import (
+    AnswerEvent,
+    DoneEvent,
+    ErrorEvent,
+    InsertedEvent,
+    StepEndEvent,
+    TokenEvent,
+    Usage,
+)
+from service import app as app_module
+from service.app import create_app
+from service.cli import build_parser, main
+from service.collect import CompletionCollector
+from service.errors import APIError
+from service.metrics import Histogram, Metrics
+from service.settings import Settings
+from service.streaming import DONE_FRAME, ChunkWriter
+
+NAMES = ("Alice", "Bob")
+USAGE = Usage(prompt_tokens=10, completion_tokens_per_worker=(2, 1), steps_per_worker=(2, 1))
+SESSION_EVENTS = [
+    InsertedEvent(worker=0, step=1, text="**Alice [1]:** ", token_ids=(1, 2), reason="header"),
+    InsertedEvent(worker=1, step=1, text="**Bob [1]:** ", token_ids=(3,), reason="header"),
+    TokenEvent(worker=0, step=1, text="Two.", token_ids=(4,)),
+    TokenEvent(worker=1, step=1, text="é", token_ids=(5, 6)),
+    StepEndEvent(worker=0, step=1, text="**Alice [1]:** Two."),
+    InsertedEvent(worker=0, step=2, text="**Alice [2]:** ", token_ids=(7,), reason="header"),
+    TokenEvent(worker=0, step=2, text="\\boxed{4}", token_ids=(8,)),
+    AnswerEvent(worker=0, step=2, text="4"),
+    DoneEvent(usage=USAGE, finish_reasons=("stop", "length"), answer="4"),
+]
+
+
+@pytest.fixture()
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for name in Settings.model_fields:
+        monkeypatch.delenv(f"HOGWILD_{name.upper()}", raising=False)
+    return monkeypatch
+
+
+def test_settings_read_hogwild_env_and_explicit_values_win(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("HOGWILD_MAX_SESSIONS", "3")
+    clean_env.setenv("HOGWILD_CORS_ORIGINS", "http://a.test, http://b.test")
+    clean_env.setenv("HOGWILD_DEVICE", "")
+    clean_env.setenv("HOGWILD_API_KEY", "secret")
+    settings = Settings()
+    assert settings.max_sessions == 3 and settings.device is None
+    assert settings.cors_origins == ["http://a.test", "http://b.test"]
+    assert settings.api_key is not None and settings.api_key.get_secret_value() == "secret"
+    assert "secret" not in repr(settings)
+    assert Settings(max_sessions=5).max_sessions == 5
+    assert settings.max_requests == 3 + settings.max_queued
+    assert (settings.host, settings.port) == ("127.0.0.1", 8000)
+
+
+@pytest.mark.parametrize("values", [{"max_sessions": 0}, {"port": 70000}, {"dtype": "int8"}, {"max_workers": 9}])
+def test_out_of_range_settings_are_refused(clean_env: pytest.MonkeyPatch, values: dict) -> None:
+    with pytest.raises(ValidationError):
+        Settings(**values)
+
+
+def test_every_setting_has_a_serve_flag_with_its_env_var_in_the_help() -> None:
+    serve = build_parser()._subparsers._group_actions[0].choices["serve"]  # type: ignore[union-attr]
+    help_text = " ".join(serve.format_help().split())
+    for name in Settings.model_fields:
+        assert f"--{name.replace('_', '-')}" in help_text
+        assert f"HOGWILD_{name.upper()}" in help_text
+    args = build_parser().parse_args(["serve", "--max-sessions", "3", "--cors-origins", "http://x.test"])
+    assert (args.max_sessions, args.cors_origins, args.model) == ("3", "http://x.test", None)
+
+
+def test_serve_with_invalid_settings_exits_2_without_a_traceback(
+    clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["serve", "--max-sessions", "0"]) == 2
+    error = capsys.readouterr().err
+    assert "max_sessions" in error and "Traceback" not in error
+
+
+def test_run_with_invalid_request_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "task", "--workers", "9"]) == 2
+    assert "workers" in capsys.readouterr().err
+
+
+def test_validation_errors_are_400_before_the_engine_is_needed(clean_env: pytest.MonkeyPatch) -> None:
+    client = TestClient(create_app(Settings()))  # lifespan not entered: no engine process
+    bad = client.post("/v1/hogwild/completions", json={"prompt": "Hi", "top_k": "3"})
+    assert bad.status_code == 400
+    assert bad.json() == {
+        "error": {
+            "message": "top_k: Input should be a valid integer",
+            "type": "invalid_request_error",
+            "param": "top_k",
+            "code": "invalid_request",
+        }
+    }
+    not_ready = client.post("/v1/hogwild/completions", json={"prompt": "Hi"})
+    assert not_ready.status_code == 503 and not_ready.headers["Retry-After"] == "2"
+    health = client.get("/health")
+    assert health.status_code == 503 and health.json()["status"] == "stopped"
+
+
+def test_root_says_clearly_when_the_demo_is_missing(
+    clean_env: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    clean_env.setattr(app_module, "demo_directory", lambda: None)
+    missing = TestClient(create_app(Settings())).get("/")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "demo_missing"
+    (tmp_path / "index.html").write_text("<h1>demo</h1>")
+    clean_env.setattr(app_module, "demo_directory", lambda: tmp_path)
+    served = TestClient(create_app(Settings())).get("/")
+    assert served.status_code == 200 and served.text == "<h1>demo</h1>"
+
+
+def parse_frames(frames: list[bytes]) -> list[dict | str]:
+    payloads = []
+    for data in frames:
+        assert data.startswith(b"data: ") and data.endswith(b"\n\n") and data.count(b"\n") == 2
+        text = data[len(b"data: ") : -2].decode()
+        payloads.append(text if text == "[DONE]" else json.loads(text))
+    return payloads
+
+
+def test_chunk_writer_frames_every_event_kind() -> None:
+    writer = ChunkWriter("cmpl-1", 1700000000, "m", NAMES, include_usage=True)
+    chunks = parse_frames([data for event in SESSION_EVENTS for data in writer.frames(event)])
+    assert writer.outcome == "ok"
+    assert chunks[0] == {
+        "id": "cmpl-1", "object": "text_completion", "created": 1700000000, "model": "m",
+        "choices": [{"index": 0, "text": "**Alice [1]:** ", "logprobs": None, "finish_reason": None}],
+        "hogwild": {"worker": 0, "name": "Alice", "step": 1, "kind": "inserted", "token_ids": [1, 2], "reason": "header"},
+    }
+    assert chunks[3]["hogwild"] == {"worker": 1, "name": "Bob", "step": 1, "kind": "token", "token_ids": [5, 6]}
+    assert chunks[4]["choices"][0]["text"] == "" and chunks[4]["hogwild"]["step_text"] == "**Alice [1]:** Two."
+    assert chunks[7]["choices"][0]["text"] == "" and chunks[7]["hogwild"]["answer"] == "4"
+    finishes = chunks[8:10]
+    assert [(f["choices"][0]["finish_reason"], f["hogwild"]["step"]) for f in finishes] == [("stop", 2), ("length", 1)]
+    assert chunks[10]["choices"] == [] and chunks[10]["usage"]["completion_tokens_per_worker"] == [2, 1]
+    assert chunks[11] == "[DONE]" and len(chunks) == 12
+
+
+def test_chunk_writer_reports_an_error_then_done() -> None:
+    writer = ChunkWriter("cmpl-1", 0, "m", NAMES, include_usage=False)
+    frames = writer.frames(ErrorEvent("engine lost", "engine_unavailable"))
+    error, done = parse_frames(frames)
+    assert error == {"error": {"message": "engine lost", "type": "service_unavailable_error", "param": None,
+                               "code": "engine_unavailable"}}
+    assert frames[-1] == DONE_FRAME and done == "[DONE]" and writer.outcome == "error"
+
+
+def test_collector_builds_texts_transcript_answer_and_usage() -> None:
+    collector = CompletionCollector("cmpl-1", 5, "m", NAMES)
+    responses = [collector.add(event) for event in SESSION_EVENTS]
+    assert responses[:-1] == [None] * (len(SESSION_EVENTS) - 1)
+    body = responses[-1].model_dump()
+    assert [c["text"] for c in body["choices"]] == ["**Alice [1]:** Two.**Alice [2]:** \\boxed{4}", "**Bob [1]:** é"]
+    assert [c["finish_reason"] for c in body["choices"]] == ["stop", "length"]
+    assert body["transcript"] == [{"worker": 0, "name": "Alice", "step": 1, "text": "**Alice [1]:** Two."}]
+    assert body["answer"] == "4" and body["usage"]["total_tokens"] == 13 and body["views"] is None
+
+
+@pytest.mark.parametrize(("code", "status"), [("engine_error", 500), ("engine_unavailable", 503)])
+def test_collector_turns_an_error_event_into_an_api_error(code: str, status: int) -> None:
+    with pytest.raises(APIError) as raised:
+        CompletionCollector("cmpl-1", 5, "m", NAMES).add(ErrorEvent("boom", code))
+    assert raised.value.status == status and raised.value.body()["error"]["message"] == "boom"
+
+
+def test_histogram_renders_cumulative_buckets() -> None:
+    histogram = Histogram((0.1, 1.0))
+    for value in (0.05, 0.1, 0.5, 3.0):
+        histogram.observe(value)
+    assert histogram.render("h") == [
+        'h_bucket{le="0.1"} 2', 'h_bucket{le="1.0"} 3', 'h_bucket{le="+Inf"} 4', "h_sum 3.65", "h_count 4",
+    ]
+
+
+def test_metrics_text_is_valid_exposition() -> None:
+    metrics = Metrics()
+    metrics.count_request("ok")
+    metrics.count_request("ok")
+    metrics.count_request("queue_full")
+    metrics.generated_tokens = 42
+    text = metrics.render(num_running=2, num_waiting=1, is_engine_up=True)
+    lines = text.splitlines()
+    assert text.endswith("\n")
+    assert "hogwild_sessions_running 2" in lines and "hogwild_sessions_waiting 1" in lines
+    assert 'hogwild_requests_total{outcome="ok"} 2' in lines
+    assert 'hogwild_requests_total{outcome="queue_full"} 1' in lines
+    assert "hogwild_generated_tokens_total 42" in lines
+    for line in lines:  # every sample belongs to a family declared just before it
+        if not line.startswith("#"):
+            family = line.split("{")[0].split(" ")[0]
+            declared = [l.split()[2] for l in lines if l.startswith("# TYPE")]
+            assert any(family == name or family.startswith(f"{name}_") for name in declared), line
