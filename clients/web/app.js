@@ -1,0 +1,380 @@
+// The live demo: one streamed session, one lane per worker, the shared history, the answer and counters.
+// Streams with fetch POST + ReadableStream (EventSource cannot POST); Stop aborts the request, which makes the
+// server cancel the session. body[data-state] is idle | running | done | stopped | error.
+
+import { SSEParser } from "./sse.js";
+
+const COMPLETIONS = "v1/hogwild/completions";
+const DEFAULT_NAMES = ["Alice", "Bob", "Carol", "Dave", "Eve", "Frank", "Grace", "Heidi"];
+const NUMBER_FIELDS = ["workers", "max_tokens", "temperature", "redundancy_check_every"];
+const FINISH_LABELS = { stop: "done", length: "budget used", abort: "stopped" };
+const TICK_MS = 100;
+const HEALTH_RETRY_MS = 2000;
+
+const $ = (id) => document.getElementById(id);
+let run = null; // the session on screen: see newRun()
+
+class ServerError extends Error {
+  constructor(error, status) {
+    super(error.message || "the server reported an error");
+    this.status = status;
+    this.param = error.param || null;
+  }
+}
+
+function newRun(workers) {
+  return {
+    controller: new AbortController(),
+    lanes: [],
+    workers,
+    tokens: 0,
+    steps: 0,
+    startedAt: performance.now(),
+    firstTokenAt: null,
+    endedAt: null,
+    timer: null,
+  };
+}
+
+// ---- the form ----------------------------------------------------------------------------------------------
+
+function requestBody() {
+  const body = { prompt: $("prompt").value, stream: true, stream_options: { include_usage: true } };
+  for (const name of NUMBER_FIELDS) {
+    const raw = $(name).value.trim();
+    if (raw !== "") body[name] = Number(raw);
+  }
+  return body;
+}
+
+function headers() {
+  const key = $("api_key").value.trim();
+  const result = { "Content-Type": "application/json", Accept: "text/event-stream" };
+  if (key) result.Authorization = `Bearer ${key}`;
+  return result;
+}
+
+async function start(event) {
+  event?.preventDefault();
+  if (run && !run.endedAt) return;
+  clearError();
+  const body = requestBody();
+  run = newRun(Number.isInteger(body.workers) ? body.workers : 2);
+  resetView();
+  setState("running", "waiting for the server…");
+  run.timer = setInterval(updateCounters, TICK_MS);
+  const current = run;
+  try {
+    const response = await fetch(COMPLETIONS, {
+      method: "POST",
+      headers: headers(),
+      body: JSON.stringify(body),
+      signal: current.controller.signal,
+    });
+    if (!response.ok) throw await httpError(response);
+    buildLanes(current);
+    setState("running", "generating");
+    await consume(response, current);
+    end(current, "done", "finished");
+  } catch (error) {
+    if (current.controller.signal.aborted) end(current, "stopped", "stopped");
+    else fail(current, error);
+  }
+}
+
+function stop() {
+  if (!run || run.endedAt) return;
+  run.controller.abort();
+  end(run, "stopped", "stopped");
+}
+
+async function httpError(response) {
+  let error = {};
+  try {
+    error = (await response.json()).error || {};
+  } catch {
+    error = {};
+  }
+  if (!error.message) error.message = `${response.status} ${response.statusText}`.trim();
+  const retry = response.headers.get("Retry-After");
+  if (response.status === 503 && retry) error.message += ` Try again in ${retry} s.`;
+  if (response.status === 401) error.param = "api_key";
+  return new ServerError(error, response.status);
+}
+
+// ---- the stream --------------------------------------------------------------------------------------------
+
+async function consume(response, current) {
+  const reader = response.body.getReader();
+  const parser = new SSEParser();
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) throw new Error("the connection closed before the run finished");
+    for (const payload of parser.feed(value)) {
+      if (payload === "[DONE]") return;
+      handleChunk(JSON.parse(payload), current);
+    }
+  }
+}
+
+function handleChunk(chunk, current) {
+  if (chunk.error) throw new ServerError(chunk.error, null);
+  if (!chunk.choices || chunk.choices.length === 0) {
+    if (chunk.usage) current.tokens = chunk.usage.completion_tokens;
+    return;
+  }
+  const choice = chunk.choices[0];
+  const info = chunk.hogwild || {};
+  const lane = current.lanes[info.worker ?? choice.index];
+  if (!lane) return;
+  if (info.name && info.name !== lane.name) renameLane(lane, info.name);
+  if (info.step) lane.stepEl.textContent = info.step;
+  switch (info.kind) {
+    case "token":
+      countTokens(current, lane, (info.token_ids || [null]).length);
+      appendText(lane, choice.text, null);
+      break;
+    case "inserted":
+      appendText(lane, choice.text, info.reason || "header");
+      break;
+    case "step_end":
+      endStep(current, lane, info.step_text || "", info.step);
+      break;
+    case "answer":
+      showAnswer(info.answer ?? "", lane.name);
+      break;
+    case "finish":
+      setLaneState(lane, choice.finish_reason);
+      break;
+  }
+}
+
+function countTokens(current, lane, count) {
+  current.firstTokenAt ??= performance.now();
+  current.tokens += count;
+  lane.tokens += count;
+  lane.countEl.textContent = lane.tokens;
+}
+
+// ---- lanes -------------------------------------------------------------------------------------------------
+
+function buildLanes(current) {
+  const container = $("lanes");
+  container.replaceChildren();
+  for (let worker = 0; worker < current.workers; worker++) {
+    const name = DEFAULT_NAMES[worker] || `Worker ${worker + 1}`;
+    const el = document.createElement("article");
+    el.className = `lane w${worker % 8}`;
+    el.dataset.worker = worker;
+    el.innerHTML =
+      '<header><span class="swatch" aria-hidden="true"></span><h3 class="name"></h3>' +
+      '<span class="meta">step <b class="step-num">1</b> · <b class="count">0</b> tokens</span>' +
+      '<span class="lane-state"></span></header><div class="lane-text" tabindex="0"></div>';
+    const lane = {
+      worker,
+      name,
+      el,
+      tokens: 0,
+      segments: [], // the current step: {text, reason} with reason null for sampled text
+      textEl: el.querySelector(".lane-text"),
+      stepEl: el.querySelector(".step-num"),
+      countEl: el.querySelector(".count"),
+    };
+    renameLane(lane, name);
+    container.append(el);
+    current.lanes.push(lane);
+  }
+}
+
+function renameLane(lane, name) {
+  lane.name = name;
+  lane.el.querySelector(".name").textContent = name;
+  lane.el.setAttribute("aria-label", `${name}'s current step`);
+}
+
+function appendText(lane, text, reason) {
+  if (!text) return;
+  lane.segments.push({ text, reason });
+  const box = lane.textEl;
+  const atBottom = box.scrollHeight - box.scrollTop - box.clientHeight < 24;
+  const shown = box.childNodes.length === 0 ? text.replace(/^\s+/, "") : text;
+  const last = box.lastElementChild;
+  if (reason === null && last && last.classList.contains("sample")) last.firstChild.appendData(shown);
+  else if (shown) box.append(segmentNode(shown, reason));
+  if (atBottom) box.scrollTop = box.scrollHeight;
+}
+
+function segmentNode(text, reason) {
+  const span = document.createElement("span");
+  if (reason === null) {
+    span.className = "sample";
+    span.append(document.createTextNode(text));
+  } else {
+    span.className = `ins ins-${reason}`;
+    span.title = `inserted by the engine (${reason})`;
+    span.append(document.createTextNode(reason === "header" ? text.replaceAll("**", "") : text));
+  }
+  return span;
+}
+
+// A finished step leaves the lane for the history. step_text is the lane's text without the whitespace around
+// it: the matching part of the lane's segments moves with its styling, whatever followed it stays in the lane
+// as the start of the next step. Text the lane never showed goes to the history as it is.
+function endStep(current, lane, stepText, step) {
+  current.steps += 1;
+  const laneText = lane.segments.map((s) => s.text).join("");
+  const trimmed = stepText.trim();
+  const start = trimmed ? laneText.indexOf(trimmed) : -1;
+  if (start < 0) {
+    addHistory(lane, [{ text: stepText, reason: null }], step);
+    lane.segments = [];
+  } else {
+    addHistory(lane, sliceSegments(lane.segments, start, start + trimmed.length), step);
+    lane.segments = sliceSegments(lane.segments, start + trimmed.length, laneText.length);
+  }
+  const remaining = lane.segments;
+  lane.segments = [];
+  lane.textEl.replaceChildren();
+  for (const segment of remaining) appendText(lane, segment.text, segment.reason);
+}
+
+function sliceSegments(segments, from, to) {
+  const result = [];
+  let offset = 0;
+  for (const { text, reason } of segments) {
+    const piece = text.slice(Math.max(0, from - offset), Math.max(0, to - offset));
+    if (piece) result.push({ text: piece, reason });
+    offset += text.length;
+  }
+  return result;
+}
+
+function addHistory(lane, segments, step) {
+  const item = document.createElement("li");
+  item.className = `step w${lane.worker % 8}`;
+  item.dataset.worker = lane.worker;
+  const tag = document.createElement("div");
+  tag.className = "tag";
+  tag.innerHTML = '<span class="name"></span><span class="num"></span>';
+  tag.firstChild.textContent = lane.name;
+  tag.lastChild.textContent = step ? `step ${step}` : "";
+  const body = document.createElement("div");
+  body.className = "step-text";
+  for (const segment of segments) body.append(segmentNode(segment.text, segment.reason));
+  item.append(tag, body);
+  $("history").append(item);
+  $("history-empty").hidden = true;
+}
+
+function setLaneState(lane, reason) {
+  lane.el.dataset.finish = reason || "stop";
+  lane.el.querySelector(".lane-state").textContent = FINISH_LABELS[reason] || reason || "";
+}
+
+function showAnswer(text, name) {
+  $("answer-text").textContent = text.trim() || "(empty)";
+  $("answer-by").textContent = `— ${name}`;
+  $("answer").hidden = false;
+}
+
+// ---- state, counters, errors -------------------------------------------------------------------------------
+
+function resetView() {
+  $("lanes").replaceChildren();
+  $("history").replaceChildren();
+  $("history-empty").hidden = false;
+  $("answer").hidden = true;
+  updateCounters();
+}
+
+function setState(state, label) {
+  document.body.dataset.state = state;
+  $("stat-status").textContent = label;
+  const running = state === "running";
+  $("start").disabled = running;
+  $("stop").disabled = !running;
+}
+
+function end(current, state, label) {
+  if (current.endedAt) return;
+  current.endedAt = performance.now();
+  clearInterval(current.timer);
+  updateCounters();
+  if (state === "stopped") for (const lane of current.lanes) if (!lane.el.dataset.finish) setLaneState(lane, "abort");
+  if (current === run) setState(state, label);
+}
+
+function fail(current, error) {
+  const message = error instanceof ServerError ? error.message : `Connection lost: ${error.message}`;
+  const status = error instanceof ServerError && error.status ? ` (HTTP ${error.status})` : "";
+  showError(message + status, error.param);
+  end(current, "error", "error");
+}
+
+function showError(message, param) {
+  const box = $("error");
+  box.textContent = message;
+  box.hidden = false;
+  const field = param ? $(param) : null;
+  if (field) {
+    field.setAttribute("aria-invalid", "true");
+    if (param === "api_key") field.closest("details").open = true;
+    field.focus();
+  }
+}
+
+function clearError() {
+  $("error").hidden = true;
+  $("error").textContent = "";
+  for (const field of document.querySelectorAll("[aria-invalid]")) field.removeAttribute("aria-invalid");
+}
+
+function updateCounters() {
+  if (!run) return;
+  const now = run.endedAt ?? performance.now();
+  const elapsed = (now - run.startedAt) / 1000;
+  const generating = run.firstTokenAt === null ? 0 : (now - run.firstTokenAt) / 1000;
+  $("stat-elapsed").textContent = `${elapsed.toFixed(1)} s`;
+  $("stat-tokens").textContent = run.tokens;
+  $("stat-steps").textContent = run.steps;
+  $("stat-rate").textContent = generating > 0.2 ? (run.tokens / generating).toFixed(1) : "–";
+}
+
+// ---- server status -----------------------------------------------------------------------------------------
+
+async function watchServer() {
+  const label = $("server-text");
+  const dot = $("server");
+  try {
+    const response = await fetch("health", { cache: "no-store" });
+    const health = await response.json().catch(() => ({}));
+    const ready = response.ok;
+    dot.dataset.health = ready ? "ok" : "loading";
+    label.textContent = ready ? `${health.model || "model"} · ready` : "model loading…";
+    if (ready) return;
+  } catch {
+    dot.dataset.health = "down";
+    label.textContent = "server unreachable";
+  }
+  setTimeout(watchServer, HEALTH_RETRY_MS);
+}
+
+function init() {
+  $("run-form").addEventListener("submit", start);
+  $("stop").addEventListener("click", stop);
+  $("prompt").addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+      event.preventDefault();
+      $("run-form").requestSubmit();
+    }
+  });
+  document.addEventListener("keydown", (event) => {
+    if (event.key === "Escape") stop();
+  });
+  for (const field of document.querySelectorAll("input, textarea")) {
+    field.addEventListener("input", () => field.removeAttribute("aria-invalid"));
+  }
+  watchServer();
+}
+
+init();
