@@ -82,6 +82,13 @@ class Engine:
                 f"{self.context_length}; shorten the prompt or lower max_tokens or workers",
                 "max_tokens",
             )
+        budget = self.config.cache_budget_tokens
+        if budget and longest > budget:
+            raise InvalidRequestError(
+                f"this session could need {longest} KV-cache tokens, more than this server's whole cache budget "
+                f"of {budget}; lower max_tokens or workers",
+                "max_tokens",
+            )
         return len(prompt_ids)
 
     def add_session(self, session_id: str, request: SessionRequest) -> None:

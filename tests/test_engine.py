@@ -175,9 +175,14 @@ def test_capacity_limits_refuse_extra_sessions(tiny_model_dir: Path) -> None:
     engine.add_session("one", SessionRequest(prompt=TASK, max_tokens=4))
     with pytest.raises(CapacityError):
         engine.add_session("two", SessionRequest(prompt=TASK, max_tokens=4))
-    budget = engine_for(tiny_model_dir, cache_budget_tokens=600)
-    with pytest.raises(CapacityError, match="budget"):
-        budget.add_session("big", SessionRequest(prompt=TASK, num_workers=2, max_tokens=400))
+    budget = engine_for(tiny_model_dir, cache_budget_tokens=1500)
+    budget.add_session("first", SessionRequest(prompt=TASK, num_workers=2, max_tokens=300))
+    with pytest.raises(CapacityError, match="budget"):  # fits alone, but not beside the first: wait
+        budget.add_session("second", SessionRequest(prompt=TASK, num_workers=2, max_tokens=300))
+    with pytest.raises(InvalidRequestError, match="whole cache budget"):  # can never fit: refuse at once
+        budget.check(SessionRequest(prompt=TASK, num_workers=2, max_tokens=1000))
+    budget.cancel("first")
+    budget.add_session("second", SessionRequest(prompt=TASK, num_workers=2, max_tokens=300))
 
 
 def test_unknown_model_is_refused(tmp_path: Path) -> None:
