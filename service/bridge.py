@@ -20,7 +20,7 @@ import uuid
 from typing import Callable
 
 from engine.config import EngineConfig, SessionRequest
-from engine.events import DoneEvent, ErrorEvent, Event, TokenEvent
+from engine.events import AnswerEvent, DoneEvent, ErrorEvent, Event, InsertedEvent, StepEndEvent, TokenEvent, Usage
 from service.engine_process import run_engine_process
 from service.errors import APIError, unavailable
 from service.messages import (
@@ -65,16 +65,30 @@ class Session:
     away first), then the request's engine events, the last of which is a DoneEvent or ErrorEvent.
     """
 
-    def __init__(self, request_id: str, bridge: EngineBridge) -> None:
+    def __init__(self, request_id: str, num_workers: int, bridge: EngineBridge) -> None:
         self.request_id = request_id
         self.created_at = time.monotonic()
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
         self._bridge = bridge
         self._queue: asyncio.Queue[SessionMessage] = asyncio.Queue()
+        self._prompt_tokens = 0
+        self._sampled = [0] * num_workers  # tokens sampled per worker so far (what usage counts)
+        self._steps = [1] * num_workers  # the step each worker is in
 
     def deliver(self, message: SessionMessage) -> None:
+        if isinstance(message, Accepted):
+            self._prompt_tokens = message.prompt_tokens
+        elif isinstance(message, (TokenEvent, InsertedEvent, StepEndEvent, AnswerEvent)):
+            self._steps[message.worker] = message.step
+            if isinstance(message, TokenEvent):
+                self._sampled[message.worker] += len(message.token_ids)
         self._queue.put_nowait(message)
+
+    def aborted(self) -> DoneEvent:
+        """The session's end when the service stops it: every worker finishes with "abort", usage so far."""
+        usage = Usage(self._prompt_tokens, tuple(self._sampled), tuple(self._steps))
+        return DoneEvent(usage=usage, finish_reasons=("abort",) * len(self._sampled), answer=None)
 
     async def next_event(self, timeout: float | None = None) -> Event | None:
         """The next engine event of an accepted session, or None when `timeout` seconds pass without one."""
@@ -240,7 +254,7 @@ class EngineBridge:
                 503, "the server is at capacity; retry later", "queue_full",
                 headers={"Retry-After": str(self._retry_after)},
             )
-        session = Session(f"cmpl-{uuid.uuid4().hex}", self)
+        session = Session(f"cmpl-{uuid.uuid4().hex}", request.num_workers, self)
         self._sessions[session.request_id] = session
         self._process.send(Submit(session.request_id, request))
         try:
@@ -253,8 +267,16 @@ class EngineBridge:
         self._sessions.pop(session.request_id, None)
         if isinstance(reply, Rejected):
             raise APIError.from_code(reply.code, reply.message, reply.param, self._retry_after)
-        assert isinstance(reply, ErrorEvent), f"unexpected first reply {reply!r}"
-        raise APIError.from_code(reply.code, reply.message, None, self._retry_after)
+        if isinstance(reply, ErrorEvent):
+            raise APIError.from_code(reply.code, reply.message, None, self._retry_after)
+        raise unavailable("the server is shutting down", self._retry_after)  # aborted before it was accepted
+
+    def abort_all(self) -> None:
+        """Ends every session now (server shutdown): each gets a DoneEvent with finish_reason "abort", so streams
+        close with their finish chunks and [DONE], and the engine cancels the work."""
+        for session in list(self._sessions.values()):
+            self.release(session)
+            session.deliver(session.aborted())
 
     def release(self, session: Session) -> None:
         """Forgets a session; if it had not finished, the engine cancels it."""

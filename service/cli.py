@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import socket
 import sys
 import typing
 from typing import Callable, Sequence
 
+import uvicorn
 from pydantic import ValidationError
+from sse_starlette.sse import AppStatus
 
 from clients.cli_client import add_arguments as add_client_arguments
 from clients.cli_client import run_client
@@ -117,8 +120,6 @@ def serve_command(args: argparse.Namespace) -> int:
     except (ValidationError, HogwildError) as error:
         print(f"hogwild serve: invalid settings:\n{error}", file=sys.stderr)
         return EXIT_USAGE
-    import uvicorn
-
     from service.app import create_app
 
     logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
@@ -136,9 +137,26 @@ def serve_command(args: argparse.Namespace) -> int:
             server.should_exit = True
 
     app = create_app(settings, on_ready=on_ready, on_fatal=on_fatal)
-    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level))
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    server = AbortingServer(config, abort=app.state.bridge.abort_all)
     server.run()
     return EXIT_FAILED if failures else EXIT_OK
+
+
+class AbortingServer(uvicorn.Server):
+    """A uvicorn server that, when asked to stop, first ends every session with finish_reason "abort": streams
+    close with their finish chunks and [DONE], non-streamed requests answer with what was generated, and the
+    server does not wait for long generations to run out."""
+
+    def __init__(self, config: uvicorn.Config, abort: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._abort = abort
+        # Streams end through `abort` instead of being cancelled mid-frame by sse-starlette's own shutdown watcher.
+        AppStatus.disable_automatic_graceful_drain()
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self._abort()
+        await super().shutdown(sockets)
 
 
 def run_command(args: argparse.Namespace) -> int:

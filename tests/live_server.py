@@ -89,7 +89,7 @@ class LiveServer:
             self.process.kill()
             self.process.wait()
             raise RuntimeError(f"server did not stop within {STOP_TIMEOUT_S}s; log:\n{self.log()}") from None
-        if engine_pid is not None and not _exits_within(engine_pid, STOP_TIMEOUT_S):
+        if engine_pid is not None and not exits_within(engine_pid, STOP_TIMEOUT_S):
             os.kill(engine_pid, signal.SIGKILL)
             raise RuntimeError(f"engine process {engine_pid} outlived the server; log:\n{self.log()}")
 
@@ -110,7 +110,7 @@ class LiveServer:
         raise RuntimeError(f"server not ready within {self._timeout}s; log:\n{self.log()}")
 
 
-def _exits_within(pid: int, timeout: float) -> bool:
+def exits_within(pid: int, timeout: float) -> bool:
     """True once process `pid` has exited (gone, or a zombie waiting to be reaped)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

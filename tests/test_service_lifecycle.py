@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from live_server import REPO_ROOT, LiveServer, free_port, metric_values, sse_data, wait_for_sessions
+from live_server import REPO_ROOT, LiveServer, exits_within, free_port, metric_values, sse_data, wait_for_sessions
 
 LONG_SESSION = {"prompt": "Count to a thousand.", "max_tokens": 1200, "temperature": 0.0}
 QUICK_SESSION = {"prompt": "Hi", "max_tokens": 3, "final_answer": False}
@@ -98,3 +98,28 @@ def test_serve_exits_with_a_clear_message_when_the_model_cannot_load(tmp_path: P
     assert result.returncode == 1
     assert f"cannot load model {str(missing)!r}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_stopping_the_server_ends_sessions_with_finish_reason_abort(env: dict[str, str]) -> None:
+    server = LiveServer(env, [])
+    with server as url, ThreadPoolExecutor(1) as pool:
+        assert server.process is not None
+        engine_pid = server.engine_pid()
+        pending = pool.submit(httpx.post, f"{url}/v1/hogwild/completions", json=LONG_SESSION, timeout=60.0)
+        body = {**LONG_SESSION, "stream": True, "stream_options": {"include_usage": True}}
+        with httpx.stream("POST", f"{url}/v1/hogwild/completions", json=body) as stream:
+            data = sse_data(stream)
+            assert "hogwild" in json.loads(next(data))
+            wait_for_sessions(url, running=2)
+            server.process.send_signal(signal.SIGTERM)
+            rest = [item if item == "[DONE]" else json.loads(item) for item in data]
+        assert rest[-1] == "[DONE]"
+        finishes = [chunk for chunk in rest[:-2] if chunk["hogwild"]["kind"] == "finish"]
+        assert [chunk["choices"][0]["finish_reason"] for chunk in finishes] == ["abort", "abort"]
+        assert rest[-2]["usage"]["completion_tokens"] > 0
+        answered = pending.result()
+        assert answered.status_code == 200
+        assert [choice["finish_reason"] for choice in answered.json()["choices"]] == ["abort", "abort"]
+        assert answered.json()["usage"]["completion_tokens"] > 0
+        assert server.process.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it is done
+        assert engine_pid is not None and exits_within(engine_pid, 30)

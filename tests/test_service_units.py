@@ -204,3 +204,21 @@ def test_metrics_text_is_valid_exposition() -> None:
             family = line.split("{")[0].split(" ")[0]
             declared = [l.split()[2] for l in lines if l.startswith("# TYPE")]
             assert any(family == name or family.startswith(f"{name}_") for name in declared), line
+
+
+def test_cors_preflight_passes_and_refusals_carry_cors_headers(clean_env: pytest.MonkeyPatch) -> None:
+    settings = Settings(cors_origins=["http://demo.test"], api_key="k")
+    client = TestClient(create_app(settings))
+    preflight = client.options(
+        "/v1/hogwild/completions",
+        headers={"Origin": "http://demo.test", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization,content-type"},
+    )
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] == "http://demo.test"
+    refused = client.post("/v1/hogwild/completions", json={"prompt": "Hi"}, headers={"Origin": "http://demo.test"})
+    assert refused.status_code == 401 and refused.headers["access-control-allow-origin"] == "http://demo.test"
+    other = client.options(
+        "/v1/hogwild/completions", headers={"Origin": "http://evil.test", "Access-Control-Request-Method": "POST"}
+    )
+    assert "access-control-allow-origin" not in other.headers

@@ -1,0 +1,170 @@
+"""What the HTTP service costs: aggregate tokens/s of one session streamed over SSE vs the engine called directly.
+
+Both runs use the same model, dtype, device, prompt, worker count and budget, with greedy decoding and no
+finisher, so both sample exactly workers x max_tokens tokens. The direct run happens first, in this process, and is
+released before the server starts, so the two never compete for the CPU. Prints a markdown table.
+
+    .venv/bin/python bench/bench_service.py [--model default] [--dtype bfloat16] [--workers 2] [--max-tokens 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from engine.config import EngineConfig, SamplingParams, SessionRequest  # noqa: E402
+from engine.events import DoneEvent, ErrorEvent, TokenEvent  # noqa: E402
+
+PROMPT = "Find all integer solutions of x^2 - y^2 = 2024 and explain each step."
+WARMUP_TOKENS = 4
+SERVER_START_TIMEOUT_S = 600.0
+
+
+@dataclass(frozen=True)
+class Run:
+    path: str
+    tokens: int
+    seconds: float
+    first_token_seconds: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="default", help="model id, folder or hub id (default: the embedded one)")
+    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    parser.add_argument("--workers", type=int, default=2, help="workers in the session (default: 2)")
+    parser.add_argument("--max-tokens", type=int, default=256, help="tokens per worker (default: 256)")
+    return parser.parse_args()
+
+
+def session_request(workers: int, max_tokens: int) -> SessionRequest:
+    return SessionRequest(
+        prompt=PROMPT, num_workers=workers, max_tokens=max_tokens, sampling=SamplingParams(temperature=0.0),
+        redundancy_check_every=0, final_answer=False,
+    )
+
+
+def run_direct(args: argparse.Namespace) -> Run:
+    """engine.generate in this process, after one short warm-up session."""
+    from engine.engine import Engine
+
+    engine = Engine.load(EngineConfig(model=args.model, device=args.device, dtype=args.dtype))
+    for _ in engine.generate(session_request(args.workers, WARMUP_TOKENS)):
+        pass
+    started = time.perf_counter()
+    first_token = None
+    for event in engine.generate(session_request(args.workers, args.max_tokens)):
+        if isinstance(event, TokenEvent) and first_token is None:
+            first_token = time.perf_counter() - started
+        if isinstance(event, ErrorEvent):
+            raise RuntimeError(event.message)
+        if isinstance(event, DoneEvent):
+            seconds = time.perf_counter() - started
+            return Run("engine.generate (in-process)", event.usage.completion_tokens, seconds, first_token or seconds)
+    raise RuntimeError("the session ended without a DoneEvent")
+
+
+def run_service(args: argparse.Namespace) -> Run:
+    """One streamed request to a fresh `hogwild serve`, after one short warm-up request."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HOGWILD_MODEL": args.model, "HOGWILD_DEVICE": args.device,
+           "HOGWILD_DTYPE": args.dtype, "HOGWILD_LOG_LEVEL": "warning"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "service", "serve", "--port", str(port)], cwd=REPO_ROOT, env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_ready(url, server)
+        _stream(url, args.workers, WARMUP_TOKENS)
+        return _stream(url, args.workers, args.max_tokens)
+    finally:
+        server.terminate()
+        server.wait(60)
+
+
+def _stream(url: str, workers: int, max_tokens: int) -> Run:
+    body = {"prompt": PROMPT, "workers": workers, "max_tokens": max_tokens, "temperature": 0.0,
+            "redundancy_check_every": 0, "final_answer": False, "stream": True,
+            "stream_options": {"include_usage": True}}
+    started = time.perf_counter()
+    first_token = None
+    tokens = 0
+    with httpx.stream("POST", f"{url}/v1/hogwild/completions", json=body, timeout=None) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            if line == "data: [DONE]":
+                break
+            chunk = json.loads(line[len("data: "):])
+            if "error" in chunk:
+                raise RuntimeError(chunk["error"]["message"])
+            if chunk.get("hogwild", {}).get("kind") == "token" and first_token is None:
+                first_token = time.perf_counter() - started
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    seconds = time.perf_counter() - started
+    return Run("POST /v1/hogwild/completions (SSE)", tokens, seconds, first_token or seconds)
+
+
+def _wait_ready(url: str, server: subprocess.Popen) -> None:
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"the server exited with code {server.returncode}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2.0).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError("the server did not become ready in time")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def main() -> None:
+    args = parse_args()
+    direct = run_direct(args)
+    gc.collect()
+    service = run_service(args)
+    if service.tokens != direct.tokens:
+        raise RuntimeError(f"the runs sampled different token counts: {direct.tokens} vs {service.tokens}")
+    print(f"Model {args.model} ({args.dtype}, {args.device}), {args.workers} workers x {args.max_tokens} tokens, "
+          f"greedy; {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs\n")
+    print("| path | tokens | seconds | first token (s) | tokens/s | vs direct |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for run in (direct, service):
+        ratio = run.tokens_per_second / direct.tokens_per_second
+        print(f"| {run.path} | {run.tokens} | {run.seconds:.2f} | {run.first_token_seconds:.2f} | "
+              f"{run.tokens_per_second:.1f} | {ratio:.3f} |")
+    overhead = 1 - service.tokens_per_second / direct.tokens_per_second
+    print(f"\nService overhead: {overhead:+.1%} of aggregate tokens/s")
+
+
+if __name__ == "__main__":
+    main()
