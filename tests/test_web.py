@@ -23,7 +23,7 @@ CHROMIUM_ARGS = [
 ]
 API_KEY = "web-test-key"
 ARTIFACTS = Path(__file__).parent / "artifacts"
-RUN_TIMEOUT_MS = 120_000
+RUN_TIMEOUT_MS = 180_000
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def wait_until_not_running(page: Page) -> str:
 
 def test_page_loads_with_labelled_form_and_ready_server(page: Page) -> None:
     expect(page).to_have_title("Hogwild! Inference — live demo")
-    for field in ("prompt", "workers", "max_tokens", "temperature", "redundancy_check_every", "api_key"):
+    for field in ("prompt", "workers", "max_tokens", "temperature", "redundancy_check_every", "seed", "api_key"):
         assert page.locator(f"label[for='{field}']").count() == 1, f"{field} has a label"
     expect(page.locator("#server-text")).to_contain_text("SmolLM2-135M-Instruct · ready")
     expect(page.locator("#start")).to_be_enabled()

@@ -6,7 +6,7 @@ import { SSEParser } from "./sse.js";
 
 const COMPLETIONS = "v1/hogwild/completions";
 const DEFAULT_NAMES = ["Alice", "Bob", "Carol", "Dave", "Eve", "Frank", "Grace", "Heidi"];
-const NUMBER_FIELDS = ["workers", "max_tokens", "temperature", "redundancy_check_every"];
+const NUMBER_FIELDS = ["workers", "max_tokens", "temperature", "redundancy_check_every", "seed"];
 const FINISH_LABELS = { stop: "done", length: "budget used", abort: "stopped" };
 const TICK_MS = 100;
 const HEALTH_RETRY_MS = 2000;
@@ -318,7 +318,8 @@ function showError(message, param) {
   const field = param ? $(param) : null;
   if (field) {
     field.setAttribute("aria-invalid", "true");
-    if (param === "api_key") field.closest("details").open = true;
+    const details = field.closest("details");
+    if (details) details.open = true;
     field.focus();
   }
 }
