@@ -23,7 +23,11 @@ DEFAULT_NAMES = ("Alice", "Bob", "Carol", "Dave", "Eve", "Frank", "Grace", "Heid
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the client's arguments; defaults left as None take the server's defaults."""
     parser.add_argument("task", help="the task (prompt) the workers solve together")
-    parser.add_argument("--url", default=os.environ.get("HOGWILD_URL", DEFAULT_URL), help="server base URL")
+    parser.add_argument(
+        "--url",
+        default=os.environ.get("HOGWILD_URL", DEFAULT_URL),
+        help=f"server base URL (env HOGWILD_URL; default {DEFAULT_URL})",
+    )
     parser.add_argument("--workers", type=int, default=None, help="number of workers (default: 2)")
     parser.add_argument("--names", default=None, help="comma-separated worker names, one per worker")
     parser.add_argument("--max-tokens", type=int, default=None, help="token budget per worker")

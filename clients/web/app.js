@@ -2,12 +2,11 @@
 // Streams with fetch POST + ReadableStream (EventSource cannot POST); Stop aborts the request, which makes the
 // server cancel the session. body[data-state] is idle | running | done | stopped | error.
 
+import { appendText, buildLanes, endStep, renameLane, setLaneState } from "./lanes.js";
 import { SSEParser } from "./sse.js";
 
 const COMPLETIONS = "v1/hogwild/completions";
-const DEFAULT_NAMES = ["Alice", "Bob", "Carol", "Dave", "Eve", "Frank", "Grace", "Heidi"];
 const NUMBER_FIELDS = ["workers", "max_tokens", "temperature", "redundancy_check_every", "seed"];
-const FINISH_LABELS = { stop: "done", length: "budget used", abort: "stopped" };
 const TICK_MS = 100;
 const HEALTH_RETRY_MS = 2000;
 
@@ -72,7 +71,7 @@ async function start(event) {
       signal: current.controller.signal,
     });
     if (!response.ok) throw await httpError(response);
-    buildLanes(current);
+    current.lanes = buildLanes($("lanes"), current.workers);
     setState("running", "generating");
     await consume(response, current);
     end(current, "done", "finished");
@@ -131,14 +130,16 @@ function handleChunk(chunk, current) {
   if (info.step) lane.stepEl.textContent = info.step;
   switch (info.kind) {
     case "token":
-      countTokens(current, lane, (info.token_ids || [null]).length);
+      countTokens(current, lane, info.token_ids?.length || 1);
       appendText(lane, choice.text, null);
       break;
     case "inserted":
       appendText(lane, choice.text, info.reason || "header");
       break;
     case "step_end":
-      endStep(current, lane, info.step_text || "", info.step);
+      current.steps += 1;
+      endStep(lane, info.step_text || "", info.step, $("history"));
+      $("history-empty").hidden = true;
       break;
     case "answer":
       showAnswer(info.answer ?? "", lane.name);
@@ -154,121 +155,6 @@ function countTokens(current, lane, count) {
   current.tokens += count;
   lane.tokens += count;
   lane.countEl.textContent = lane.tokens;
-}
-
-// ---- lanes -------------------------------------------------------------------------------------------------
-
-function buildLanes(current) {
-  const container = $("lanes");
-  container.replaceChildren();
-  for (let worker = 0; worker < current.workers; worker++) {
-    const name = DEFAULT_NAMES[worker] || `Worker ${worker + 1}`;
-    const el = document.createElement("article");
-    el.className = `lane w${worker % 8}`;
-    el.dataset.worker = worker;
-    el.innerHTML =
-      '<header><span class="swatch" aria-hidden="true"></span><h3 class="name"></h3>' +
-      '<span class="meta">step <b class="step-num">1</b> · <b class="count">0</b> tokens</span>' +
-      '<span class="lane-state"></span></header><div class="lane-text" tabindex="0"></div>';
-    const lane = {
-      worker,
-      name,
-      el,
-      tokens: 0,
-      segments: [], // the current step: {text, reason} with reason null for sampled text
-      textEl: el.querySelector(".lane-text"),
-      stepEl: el.querySelector(".step-num"),
-      countEl: el.querySelector(".count"),
-    };
-    renameLane(lane, name);
-    container.append(el);
-    current.lanes.push(lane);
-  }
-}
-
-function renameLane(lane, name) {
-  lane.name = name;
-  lane.el.querySelector(".name").textContent = name;
-  lane.el.setAttribute("aria-label", `${name}'s current step`);
-}
-
-function appendText(lane, text, reason) {
-  if (!text) return;
-  lane.segments.push({ text, reason });
-  const box = lane.textEl;
-  const atBottom = box.scrollHeight - box.scrollTop - box.clientHeight < 24;
-  const shown = box.childNodes.length === 0 ? text.replace(/^\s+/, "") : text;
-  const last = box.lastElementChild;
-  if (reason === null && last && last.classList.contains("sample")) last.firstChild.appendData(shown);
-  else if (shown) box.append(segmentNode(shown, reason));
-  if (atBottom) box.scrollTop = box.scrollHeight;
-}
-
-function segmentNode(text, reason) {
-  const span = document.createElement("span");
-  if (reason === null) {
-    span.className = "sample";
-    span.append(document.createTextNode(text));
-  } else {
-    span.className = `ins ins-${reason}`;
-    span.title = `inserted by the engine (${reason})`;
-    span.append(document.createTextNode(reason === "header" ? text.replaceAll("**", "") : text));
-  }
-  return span;
-}
-
-// A finished step leaves the lane for the history. step_text is the lane's text without the whitespace around
-// it: the matching part of the lane's segments moves with its styling, whatever followed it stays in the lane
-// as the start of the next step. Text the lane never showed goes to the history as it is.
-function endStep(current, lane, stepText, step) {
-  current.steps += 1;
-  const laneText = lane.segments.map((s) => s.text).join("");
-  const trimmed = stepText.trim();
-  const start = trimmed ? laneText.indexOf(trimmed) : -1;
-  if (start < 0) {
-    addHistory(lane, [{ text: stepText, reason: null }], step);
-    lane.segments = [];
-  } else {
-    addHistory(lane, sliceSegments(lane.segments, start, start + trimmed.length), step);
-    lane.segments = sliceSegments(lane.segments, start + trimmed.length, laneText.length);
-  }
-  const remaining = lane.segments;
-  lane.segments = [];
-  lane.textEl.replaceChildren();
-  for (const segment of remaining) appendText(lane, segment.text, segment.reason);
-}
-
-function sliceSegments(segments, from, to) {
-  const result = [];
-  let offset = 0;
-  for (const { text, reason } of segments) {
-    const piece = text.slice(Math.max(0, from - offset), Math.max(0, to - offset));
-    if (piece) result.push({ text: piece, reason });
-    offset += text.length;
-  }
-  return result;
-}
-
-function addHistory(lane, segments, step) {
-  const item = document.createElement("li");
-  item.className = `step w${lane.worker % 8}`;
-  item.dataset.worker = lane.worker;
-  const tag = document.createElement("div");
-  tag.className = "tag";
-  tag.innerHTML = '<span class="name"></span><span class="num"></span>';
-  tag.firstChild.textContent = lane.name;
-  tag.lastChild.textContent = step ? `step ${step}` : "";
-  const body = document.createElement("div");
-  body.className = "step-text";
-  for (const segment of segments) body.append(segmentNode(segment.text, segment.reason));
-  item.append(tag, body);
-  $("history").append(item);
-  $("history-empty").hidden = true;
-}
-
-function setLaneState(lane, reason) {
-  lane.el.dataset.finish = reason || "stop";
-  lane.el.querySelector(".lane-state").textContent = FINISH_LABELS[reason] || reason || "";
 }
 
 function showAnswer(text, name) {
