@@ -12,16 +12,13 @@ import json
 from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator
 from contextlib import contextmanager
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any, Self
 
 import httpx
 
 from clients.errors import HogwildAPIError, HogwildClientError, HogwildConnectionError
 from clients.results import Completion, StreamEvent
 from clients.sse import DONE, SSEParser
-
-if TYPE_CHECKING:
-    from typing_extensions import Self
 
 COMPLETIONS_PATH = "/v1/hogwild/completions"
 DEFAULT_URL = "http://127.0.0.1:8000"
