@@ -1,0 +1,256 @@
+"""Hogwild! attention as Triton kernels, flash-decoding style: the GPU twin of `fast_group_attention`.
+
+Same signature and result as engine.attention.fast_group_attention: q (Hq, n, D) rotated by the model at
+block-local positions -> attention output (Hq, n, D) over the session's cache, one softmax over every block of
+each token's view.
+
+How the work is cut:
+- Query rows. For KV head h the G = Hq / Hkv query heads of all n tokens form R = G * n rows (row r = g * n + i:
+  head h * G + g, token i), the layout of `q.view(Hkv, G * n, D)`. One program takes a tile of BLOCK_M rows, so
+  every key/value tile it loads serves all query heads of that KV head and every worker's token at once: the
+  common block is read once per KV head, not once per worker.
+- Keys. Every block is cut into chunks of `chunk_keys` keys; one program scores one chunk of one block
+  (flash-decoding split), rotating its query rows once by that block's delta (cos/sin from the plan), and
+  writes a partial (out, lse) with an online softmax in float32. Keys j < vis[i, b] of block b are visible to
+  token i; everything else is masked.
+- Merge. A second kernel combines the partials of every chunk of every block by log-sum-exp.
+
+The common block and the small blocks live in two tensors, so the chunk kernel runs once over each, writing
+into one table of partials. Importing this module raises ImportError when Triton is missing; otherwise it only
+defines the kernels (compiled on first launch). Triton fixes its mode when it is first imported: set
+TRITON_INTERPRET=1 before that to run these kernels on CPU tensors in Triton's interpreter.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError as exc:  # the PyTorch path serves machines without Triton
+    raise ImportError("the Triton attention needs the 'triton' package (pip install 'hogwild[gpu]')") from exc
+
+from engine.errors import UnsupportedModelError
+from engine.plan import GroupPlan
+
+SUPPORTED_HEAD_DIMS = (64, 128)
+BLOCK_N = 64  # keys per tile
+MERGE_ROWS = 16  # query rows per merge program
+MIN_CHUNK_TILES = 4  # a chunk holds at least this many key tiles before the key range is split further
+PROGRAMS_PER_SM = 4  # chunk programs aimed at per multiprocessor when splitting keys
+INTERPRETER_PROGRAMS = 16  # the same aim on the CPU interpreter (no multiprocessors to count)
+LOG2_E = math.log2(math.e)
+
+
+@triton.jit
+def _chunk_kernel(
+    q_ptr, cos_ptr, sin_ptr, vis_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
+    stride_qh, stride_qn,  # q (Hq, n, D), unit stride on D
+    stride_cb, stride_cn,  # cos / sin (1 + Bs, n, D): the per-block query rotation of each token
+    stride_vn, stride_vb,  # vis (n, 1 + Bs) int64
+    stride_kb, stride_kh, stride_kn,  # k and v (num_blocks, Hkv, capacity, D), same strides
+    stride_oc, stride_oh, stride_or,  # partial out (C, Hkv, R, D) float32
+    stride_lc, stride_lh,  # partial lse (C, Hkv, R) float32, log base 2
+    n, num_groups, first_block, block_len, chunk_keys, chunks_per_block, first_chunk, qk_scale,
+    HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Grid (row tiles, Hkv, num_blocks * chunks_per_block): one chunk of one block for BLOCK_M query rows.
+
+    Writes out = softmax-weighted values over the chunk's visible keys and lse = log2 of the softmax
+    denominator (qk already in log2 units); a row that sees no key of the chunk gets out 0 and lse -inf.
+    """
+    tile, h, pid_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    block = pid_c // chunks_per_block  # within this launch's tensor
+    start = (pid_c % chunks_per_block) * chunk_keys
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
+    is_row = rows < num_groups * n
+    token = rows % n
+    head = h * num_groups + rows // n
+    vis_at = vis_ptr + token * stride_vn + (first_block + block) * stride_vb
+    vis = tl.load(vis_at, mask=is_row, other=0).to(tl.int32)  # (BM,) visible keys of this block per row
+    end = tl.minimum(tl.minimum(start + chunk_keys, block_len), tl.max(vis, axis=0))
+
+    # The query rows, rotated from the token's own frame into this block's frame.
+    d = tl.arange(0, HALF)
+    q_rows = q_ptr + head * stride_qh + token * stride_qn
+    q1 = tl.load(q_rows[:, None] + d[None, :], mask=is_row[:, None], other=0.0).to(tl.float32)  # (BM, HALF)
+    q2 = tl.load(q_rows[:, None] + HALF + d[None, :], mask=is_row[:, None], other=0.0).to(tl.float32)
+    angle = (first_block + block) * stride_cb + token * stride_cn
+    cos = tl.load(cos_ptr + angle[:, None] + d[None, :], mask=is_row[:, None], other=1.0).to(tl.float32)
+    sin = tl.load(sin_ptr + angle[:, None] + d[None, :], mask=is_row[:, None], other=0.0).to(tl.float32)
+    r1 = (q1 * cos - q2 * sin).to(k_ptr.dtype.element_ty)  # (BM, HALF), rounded like the keys for the dot
+    r2 = (q2 * cos + q1 * sin).to(k_ptr.dtype.element_ty)
+
+    k_base = k_ptr + block * stride_kb + h * stride_kh
+    v_base = v_ptr + block * stride_kb + h * stride_kh
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of qk (log2 units)
+    l_i = tl.zeros([BLOCK_M], tl.float32)  # running softmax denominator
+    acc = tl.zeros([BLOCK_M, 2 * HALF], tl.float32)
+    dv = tl.arange(0, 2 * HALF)
+    for key0 in range(start, end, BLOCK_N):
+        keys = key0 + tl.arange(0, BLOCK_N)  # (BN,)
+        is_key = keys < end
+        k1 = tl.load(k_base + keys[None, :] * stride_kn + d[:, None], mask=is_key[None, :], other=0.0)  # (HALF, BN)
+        k2 = tl.load(k_base + keys[None, :] * stride_kn + HALF + d[:, None], mask=is_key[None, :], other=0.0)
+        qk = tl.dot(r1, k1, input_precision=DOT_PRECISION) + tl.dot(r2, k2, input_precision=DOT_PRECISION)
+        qk = tl.where(keys[None, :] < vis[:, None], qk * qk_scale, float("-inf"))  # (BM, BN)
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet stay at zero
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(qk - m_safe[:, None])  # (BM, BN)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_base + keys[:, None] * stride_kn + dv[None, :], mask=is_key[:, None], other=0.0)  # (BN, D)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+    chunk = first_chunk + pid_c
+    out_rows = out_ptr + chunk * stride_oc + h * stride_oh + rows * stride_or
+    tl.store(out_rows[:, None] + dv[None, :], out, mask=is_row[:, None])
+    tl.store(lse_ptr + chunk * stride_lc + h * stride_lh + rows, lse, mask=is_row)
+
+
+@triton.jit
+def _merge_kernel(
+    part_ptr, lse_ptr, out_ptr,
+    stride_pc, stride_ph, stride_pr,  # partial out (C, Hkv, R, D) float32
+    stride_lc, stride_lh,  # partial lse (C, Hkv, R) float32, log base 2
+    stride_oh, stride_or,  # out (Hkv, R, D) in the model dtype
+    num_rows, num_chunks,
+    DIM: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Grid (row tiles, Hkv): out = sum_c 2^(lse_c - M) out_c / sum_c 2^(lse_c - M), M = max_c lse_c.
+
+    Every row sees at least its own token, so some chunk has a finite lse and M is finite.
+    """
+    tile, h = tl.program_id(0), tl.program_id(1)
+    rows = tile * BLOCK_R + tl.arange(0, BLOCK_R)  # (BR,)
+    is_row = rows < num_rows
+    lse_rows = lse_ptr + h * stride_lh + rows
+    top = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    for chunk in range(num_chunks):
+        top = tl.maximum(top, tl.load(lse_rows + chunk * stride_lc, mask=is_row, other=float("-inf")))
+    top = tl.where(is_row, top, 0.0)
+    d = tl.arange(0, DIM)
+    part_rows = part_ptr + h * stride_ph + rows[:, None] * stride_pr + d[None, :]  # (BR, D)
+    denominator = tl.zeros([BLOCK_R], tl.float32)
+    acc = tl.zeros([BLOCK_R, DIM], tl.float32)
+    for chunk in range(num_chunks):
+        weight = tl.exp2(tl.load(lse_rows + chunk * stride_lc, mask=is_row, other=float("-inf")) - top)  # (BR,)
+        denominator += weight
+        acc += weight[:, None] * tl.load(part_rows + chunk * stride_pc, mask=is_row[:, None], other=0.0)
+    out = acc / tl.where(is_row, denominator, 1.0)[:, None]
+    tl.store(out_ptr + h * stride_oh + rows[:, None] * stride_or + d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=is_row[:, None])
+
+
+@dataclass(frozen=True)
+class _KeyBlocks:
+    """One launch of the chunk kernel: `num_blocks` blocks of one cache tensor, `length` keys each at most."""
+
+    k: torch.Tensor  # (num_blocks, Hkv, capacity, D)
+    v: torch.Tensor  # (num_blocks, Hkv, capacity, D)
+    first_block: int  # column of the first block in the plan's vis / cos / sin
+    length: int
+    chunk_keys: int
+
+    @property
+    def num_chunks(self) -> int:
+        return self.k.shape[0] * triton.cdiv(self.length, self.chunk_keys)
+
+
+def _chunk_keys(length: int, programs_per_chunk: int, target_programs: int) -> int:
+    """Keys per chunk: enough chunks to reach `target_programs`, none shorter than MIN_CHUNK_TILES tiles."""
+    tiles = triton.cdiv(length, BLOCK_N)
+    wanted = triton.cdiv(target_programs, programs_per_chunk)
+    num_chunks = max(1, min(wanted, tiles // MIN_CHUNK_TILES))
+    return triton.cdiv(tiles, num_chunks) * BLOCK_N
+
+
+@functools.cache
+def _target_programs(device: torch.device) -> int:
+    if device.type != "cuda":
+        return INTERPRETER_PROGRAMS
+    return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def triton_group_attention(
+    group: GroupPlan,
+    layer: int,
+    q: torch.Tensor,  # (Hq, n, D)
+    scale: float,
+    inv_freq: torch.Tensor,
+    *,
+    chunk_keys: int | None = None,
+) -> torch.Tensor:
+    """q (Hq, n, D) -> attention output (Hq, n, D) over the session's cache, like fast_group_attention.
+
+    The per-block query rotations come from the plan's cos/sin (built from inv_freq once per forward), so
+    inv_freq itself is unused here. `chunk_keys` (a multiple of BLOCK_N) fixes the flash-decoding split;
+    by default it is chosen to fill the device.
+    """
+    cache = group.cache
+    num_q_heads, n, dim = q.shape
+    num_kv = cache.common_k.shape[1]
+    if dim not in SUPPORTED_HEAD_DIMS:
+        raise UnsupportedModelError(f"the Triton attention supports head_dim {SUPPORTED_HEAD_DIMS}, not {dim}")
+    assert num_q_heads % num_kv == 0, "query heads must be a multiple of KV heads"
+    assert chunk_keys is None or chunk_keys > 0 and chunk_keys % BLOCK_N == 0, "chunk_keys must be a BLOCK_N multiple"
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    num_groups = num_q_heads // num_kv
+    rows = num_groups * n
+    block_m = min(64, max(16, triton.next_power_of_2(rows)))
+    row_tiles = triton.cdiv(rows, block_m)
+    launches = _launches(group, layer, row_tiles * num_kv, q.device, chunk_keys)
+    num_chunks = sum(keys.num_chunks for keys in launches)
+    partial = torch.empty((num_chunks, num_kv, rows, dim), dtype=torch.float32, device=q.device)
+    lse = torch.empty((num_chunks, num_kv, rows), dtype=torch.float32, device=q.device)
+    first_chunk = 0
+    for keys in launches:
+        _chunk_kernel[(row_tiles, num_kv, keys.num_chunks)](
+            q, group.cos, group.sin, group.vis, keys.k, keys.v, partial, lse,
+            q.stride(0), q.stride(1),
+            group.cos.stride(0), group.cos.stride(3),
+            group.vis.stride(0), group.vis.stride(1),
+            keys.k.stride(0), keys.k.stride(1), keys.k.stride(2),
+            partial.stride(0), partial.stride(1), partial.stride(2),
+            lse.stride(0), lse.stride(1),
+            n, num_groups, keys.first_block, keys.length, keys.chunk_keys,
+            keys.num_chunks // keys.k.shape[0], first_chunk, scale * LOG2_E,
+            HALF=dim // 2, BLOCK_M=block_m, BLOCK_N=BLOCK_N,
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        )
+        first_chunk += keys.num_chunks
+    out = torch.empty((num_kv, rows, dim), dtype=q.dtype, device=q.device)
+    _merge_kernel[(triton.cdiv(rows, MERGE_ROWS), num_kv)](
+        partial, lse, out,
+        partial.stride(0), partial.stride(1), partial.stride(2),
+        lse.stride(0), lse.stride(1),
+        out.stride(0), out.stride(1),
+        rows, num_chunks,
+        DIM=dim, BLOCK_R=MERGE_ROWS,
+    )
+    return out.view(num_q_heads, n, dim)
+
+
+def _launches(
+    group: GroupPlan, layer: int, programs_per_chunk: int, device: torch.device, chunk_keys: int | None
+) -> list[_KeyBlocks]:
+    """The common block, then (when any token sees one) the small blocks, each with its chunk size."""
+    cache = group.cache
+    assert cache.common_k.stride() == cache.common_v.stride() and cache.small_k.stride() == cache.small_v.stride()
+    target = _target_programs(device)
+    common_keys = chunk_keys or _chunk_keys(group.common_len, programs_per_chunk, target)
+    launches = [_KeyBlocks(cache.common_k[layer][None], cache.common_v[layer][None], 0, group.common_len, common_keys)]
+    if group.small_len:
+        num_small = cache.small_k.shape[1]
+        small_keys = chunk_keys or _chunk_keys(group.small_len, programs_per_chunk * num_small, target)
+        launches.append(_KeyBlocks(cache.small_k[layer], cache.small_v[layer], 1, group.small_len, small_keys))
+    return [keys for keys in launches if keys.length]

@@ -1,0 +1,170 @@
+"""The Triton attention kernel agrees with the reference and the PyTorch path on random block layouts.
+
+With a CUDA device the kernels run natively. Without one they run in Triton's CPU interpreter, which Triton
+only enables when TRITON_INTERPRET=1 is set before it is first imported: this module sets it before importing
+Triton, so it must be the first to import Triton in the test process (the engine imports it only on first use
+of the Triton backend). The interpreter cannot multiply bfloat16 tiles, so on CPU float32 and float16 are
+covered; bfloat16 runs on CUDA only.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu":
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("Triton was imported before TRITON_INTERPRET=1 could be set; its CPU interpreter is off")
+    os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton", reason="Triton is not installed; the Triton attention tests need it (pip install triton)")
+
+from engine import attention
+from engine.attention import fast_group_attention, reference_group_attention
+from engine.cache import SessionCache
+from engine.config import EngineConfig, SamplingParams, SessionRequest
+from engine.engine import Engine
+from engine.errors import UnsupportedModelError
+from engine.events import TokenEvent
+from engine.plan import GroupPlan, Run, build_forward
+from engine.triton_attention import BLOCK_N, triton_group_attention
+
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+def long_layout(rng: random.Random, num_small: int, max_common: int) -> tuple[list[Run], list[int]]:
+    """Runs over blocks long enough for several key tiles, and the blocks' lengths before them.
+
+    Sometimes a run first appends to the common block (a prompt chunk).
+    Each small-block run sees a random part of the common block (including what this forward appends to it)
+    and a random ordered subset of the other small blocks, then its own block causally.
+    """
+    lengths = [rng.randint(1, max_common)] + [rng.randint(0, 2 * BLOCK_N) for _ in range(num_small)]
+    runs, common_end = [], lengths[0]
+    if rng.random() < 0.5:  # a prompt chunk: written to block 0 and seen by the runs after it
+        count = rng.randint(1, 24)
+        runs.append(Run(0, lengths[0], tuple(range(count)), ()))
+        common_end += count
+    for own in rng.sample(range(1, num_small + 1), k=rng.randint(1, num_small)):
+        others = [b for b in range(1, num_small + 1) if b != own and lengths[b] and rng.random() < 0.7]
+        rng.shuffle(others)
+        view = ((0, rng.randint(1, common_end)),) + tuple((b, rng.randint(1, lengths[b])) for b in others)
+        runs.append(Run(own, lengths[own], tuple(range(rng.randint(1, 4))), view, want_logits=True))
+    return runs, lengths
+
+
+def random_group(
+    seed: int,
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: str = DEVICE,
+    unwritten: float | None = None,
+) -> tuple[GroupPlan, torch.Tensor, torch.Tensor]:
+    """A session cache of random keys/values, its plan, queries and inv_freq.
+
+    `unwritten`, when given, fills every slot beyond a block's length (slots no token may see).
+    """
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    num_small = rng.randint(2, 6)
+    runs, lengths = long_layout(rng, num_small, max_common=5 * BLOCK_N)
+    cache = SessionCache(1, num_kv_heads, head_dim, num_small, dtype, torch.device(device), 64, 32)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
+    cache.lengths = lengths
+    group = build_forward([(cache, runs)], inv_freq, dtype).groups[0]  # grows the cache to fit
+    for tensor in (cache.common_k, cache.common_v, cache.small_k, cache.small_v):
+        tensor.copy_(torch.randn(tensor.shape).to(tensor))
+    if unwritten is not None:
+        cache.common_k[:, :, cache.lengths[0] :] = unwritten
+        cache.common_v[:, :, cache.lengths[0] :] = unwritten
+        for b, length in enumerate(cache.lengths[1:]):
+            cache.small_k[:, b, :, length:] = unwritten
+            cache.small_v[:, b, :, length:] = unwritten
+    n = group.vis.shape[0]
+    q = torch.randn(num_q_heads, n, head_dim, device=device).to(dtype)
+    return group, q, inv_freq
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_q_heads,num_kv_heads", [(2, 2), (4, 2), (6, 2)])
+@pytest.mark.parametrize("seed", range(3))
+def test_triton_matches_reference_and_torch_path(
+    dtype: torch.dtype, num_q_heads: int, num_kv_heads: int, seed: int
+) -> None:
+    group, q, inv_freq = random_group(seed, num_q_heads, num_kv_heads, 64, dtype)
+    scale = 64**-0.5
+
+    out = triton_group_attention(group, 0, q, scale, inv_freq, chunk_keys=BLOCK_N)
+    reference = reference_group_attention(group, 0, q, scale, inv_freq)
+    fast = fast_group_attention(group, 0, q, scale, inv_freq)
+
+    assert out.shape == q.shape and out.dtype == dtype
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(out.float(), reference.float(), atol=tol, rtol=tol)
+    torch.testing.assert_close(out.float(), fast.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("chunk_keys", [None, BLOCK_N, 2 * BLOCK_N, 64 * BLOCK_N])
+def test_the_key_split_does_not_change_the_output(chunk_keys: int | None) -> None:
+    """One chunk per block, many chunks, or the default split: the log-sum-exp merge gives one softmax."""
+    group, q, inv_freq = random_group(11, 6, 2, 64, torch.float32)
+    assert group.common_len > 2 * BLOCK_N, "the layout should span several chunks"
+
+    out = triton_group_attention(group, 0, q, 0.125, inv_freq, chunk_keys=chunk_keys)
+
+    torch.testing.assert_close(out, reference_group_attention(group, 0, q, 0.125, inv_freq), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_slots_beyond_a_blocks_length_are_never_read(seed: int) -> None:
+    """NaN in every unwritten cache slot leaves the output finite and equal to the reference."""
+    group, q, inv_freq = random_group(seed, 4, 2, 64, torch.float32, unwritten=float("nan"))
+    out = triton_group_attention(group, 0, q, 0.125, inv_freq, chunk_keys=BLOCK_N)
+    assert out.isfinite().all()
+    torch.testing.assert_close(out, reference_group_attention(group, 0, q, 0.125, inv_freq), atol=2e-5, rtol=2e-5)
+
+
+def test_head_dim_128_matches_reference() -> None:
+    group, q, inv_freq = random_group(3, 4, 1, 128, torch.float32)
+    out = triton_group_attention(group, 0, q, 128**-0.5, inv_freq)
+    torch.testing.assert_close(out, reference_group_attention(group, 0, q, 128**-0.5, inv_freq), atol=2e-5, rtol=2e-5)
+
+
+def test_other_head_dims_are_refused() -> None:
+    group, q, inv_freq = random_group(0, 2, 2, 32, torch.float32)
+    with pytest.raises(UnsupportedModelError, match="head_dim"):
+        triton_group_attention(group, 0, q, 32**-0.5, inv_freq)
+
+
+@pytest.fixture
+def with_triton_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(attention.BACKENDS, "triton", triton_group_attention)
+
+
+@pytest.mark.usefixtures("with_triton_backend")
+def test_engine_session_with_triton_equals_torch_path(tiny_model_factory: Callable[..., Path]) -> None:
+    """A whole 2-worker greedy session gives the same tokens through either backend."""
+    path = tiny_model_factory("llama", head_dim=64)
+    engine = Engine.load(EngineConfig(model=str(path), device=DEVICE, dtype="float32"))
+    request = SessionRequest(
+        prompt="Count to five.", num_workers=2, max_tokens=6, sampling=SamplingParams(temperature=0.0),
+        final_answer=False,
+    )
+
+    def session_tokens(backend: str) -> list[tuple[int, tuple[int, ...]]]:
+        engine.attention = backend
+        return [(e.worker, e.token_ids) for e in engine.generate(request) if isinstance(e, TokenEvent)]
+
+    torch_tokens = session_tokens("torch")
+    assert torch_tokens, "the session should sample tokens"
+    assert session_tokens("triton") == torch_tokens
+
