@@ -1,10 +1,10 @@
 """The API process's end of the engine: spawns the engine process, routes its replies to per-request sessions,
 and restarts it when it dies.
 
-Threading model: one reader thread per engine process blocks on the reply queue and hands every reply to the event
+Threading model: one reader thread per engine process blocks on the reply pipe and hands every reply to the event
 loop with `call_soon_threadsafe`; all bridge and session state is touched on the event loop only. Nothing here
 blocks the loop: spawning and joining the process run in the default executor, and `multiprocessing.Queue.put`
-only appends to a buffer that a feeder thread writes out.
+(commands) only appends to a buffer that a feeder thread writes out.
 """
 
 from __future__ import annotations
@@ -13,11 +13,10 @@ import asyncio
 import enum
 import logging
 import multiprocessing
-import queue
 import threading
 import time
 import uuid
-from typing import Callable
+from typing import Awaitable, Callable
 
 from engine.config import EngineConfig, SessionRequest
 from engine.events import AnswerEvent, DoneEvent, ErrorEvent, Event, InsertedEvent, StepEndEvent, TokenEvent, Usage
@@ -120,15 +119,19 @@ class Session:
 
 
 class EngineProcess:
-    """One spawned engine process with its two queues and its reader thread."""
+    """One spawned engine process, its command queue, its reply pipe and the thread that reads the pipe.
+
+    Only the child holds the pipe's write end (the parent closes its copy after the spawn), so when the engine
+    process dies, even in the middle of a message, the reader gets EOF instead of waiting forever.
+    """
 
     def __init__(self, config: EngineConfig, max_running: int) -> None:
         context = multiprocessing.get_context("spawn")
         self.commands = context.Queue()
-        self.replies = context.Queue()
+        self._replies, self._replies_writer = context.Pipe(duplex=False)
         self.process = context.Process(
             target=run_engine_process,
-            args=(config, max_running, self.commands, self.replies),
+            args=(config, max_running, self.commands, self._replies_writer),
             name="hogwild-engine",
             daemon=True,
         )
@@ -143,6 +146,7 @@ class EngineProcess:
         """Starts the process (blocking: spawn) and the reader thread that calls `on_reply` for every reply and
         `on_exit` once after the process is gone and its last replies were read."""
         self.process.start()
+        self._replies_writer.close()
         self._reader = threading.Thread(
             target=self._read, args=(on_reply, on_exit), name="hogwild-engine-reader", daemon=True
         )
@@ -152,7 +156,7 @@ class EngineProcess:
         self.commands.put(command)
 
     def stop(self) -> None:
-        """Asks the engine to exit, escalating to terminate/kill; then releases the queues. Blocking."""
+        """Asks the engine to exit, escalating to terminate/kill; then releases the channels. Blocking."""
         self._is_stopping = True
         if self.process.is_alive():
             self.commands.put(Shutdown())
@@ -165,30 +169,24 @@ class EngineProcess:
             self.process.join()
         if self._reader is not None and self._reader is not threading.current_thread():
             self._reader.join(POLL_SECONDS * 4)
-        for channel in (self.commands, self.replies):
-            channel.cancel_join_thread()
-            channel.close()
+        self.commands.cancel_join_thread()
+        self.commands.close()
+        self._replies.close()
 
     def _read(self, on_reply: Callable[[Reply], None], on_exit: Callable[[], None]) -> None:
+        """Hands every reply to `on_reply` until the process is gone (EOF, or dead with nothing left to read)."""
         while not self._is_stopping:
             try:
-                on_reply(self.replies.get(timeout=POLL_SECONDS))
-            except queue.Empty:
-                if not self.process.is_alive():
+                if self._replies.poll(POLL_SECONDS):
+                    on_reply(self._replies.recv())
+                elif not self.process.is_alive():
                     break
-            except (EOFError, OSError, ValueError):
-                logger.exception("reading from the engine process failed")
+            except (EOFError, OSError):
                 break
-        self._drain(on_reply)
+            except Exception:  # noqa: BLE001 - a garbled reply means the engine cannot be trusted any more
+                logger.exception("reading from the engine process failed; restarting it")
+                break
         on_exit()
-
-    def _drain(self, on_reply: Callable[[Reply], None]) -> None:
-        """Replies written just before the process exited are still in the pipe (a LoadFailed, say)."""
-        while True:
-            try:
-                on_reply(self.replies.get_nowait())
-            except (queue.Empty, EOFError, OSError, ValueError):
-                return
 
 
 class EngineBridge:
@@ -223,7 +221,7 @@ class EngineBridge:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._failed_starts = 0
         self._is_stopping = False
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Future[object]] = set()
 
     @property
     def engine_pid(self) -> int | None:
@@ -379,8 +377,8 @@ class EngineBridge:
         if not self._is_stopping:
             await self._spawn()
 
-    def _run_in_background(self, awaitable: asyncio.Future[None] | asyncio.Task[None] | object) -> None:
-        task = asyncio.ensure_future(awaitable)  # type: ignore[arg-type]
+    def _run_in_background(self, awaitable: Awaitable[object]) -> None:
+        task = asyncio.ensure_future(awaitable)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

@@ -26,13 +26,13 @@ from service.messages import (
     Occupancy,
     Ready,
     Rejected,
-    Reply,
     Shutdown,
     StepEvents,
     Submit,
 )
 
 if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
     from multiprocessing.queues import Queue
 
     from engine.engine import Engine
@@ -43,25 +43,26 @@ PARENT_CHECK_SECONDS = 1.0  # how often an idle engine checks that the API proce
 STEP_FAILED_MESSAGE = "the engine failed while generating; the session was stopped"
 
 
-def run_engine_process(
-    config: EngineConfig, max_running: int, commands: Queue[Command], replies: Queue[Reply]
-) -> None:
+def run_engine_process(config: EngineConfig, max_running: int, commands: Queue[Command], replies: Connection) -> None:
     """Entry point of the spawned engine process. Sends `Ready` or `LoadFailed`, then serves until `Shutdown`
     arrives or the API process goes away."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from engine.engine import Engine  # torch is imported here, in the engine process only
 
     try:
-        engine = Engine.load(config, progress=lambda message: replies.put(LoadProgress(message)))
+        engine = Engine.load(config, progress=lambda message: replies.send(LoadProgress(message)))
     except HogwildError as error:
-        replies.put(LoadFailed(error.code, error.message))
+        replies.send(LoadFailed(error.code, error.message))
         return
     except Exception as error:  # noqa: BLE001 - any load fault must reach the user as a message
         logger.exception("loading the model failed")
-        replies.put(LoadFailed("load_failed", f"loading the model failed: {type(error).__name__}: {error}"))
+        replies.send(LoadFailed("load_failed", f"loading the model failed: {type(error).__name__}: {error}"))
         return
-    replies.put(Ready(engine.model_name, engine.context_length))
-    EngineLoop(engine, max_running, commands, replies).run()
+    try:
+        replies.send(Ready(engine.model_name, engine.context_length))
+        EngineLoop(engine, max_running, commands, replies).run()
+    except (BrokenPipeError, EOFError):
+        logger.info("the API process is gone; the engine stops")
 
 
 class EngineLoop:
@@ -72,7 +73,7 @@ class EngineLoop:
     it leaves `running` when its DoneEvent or ErrorEvent is forwarded or when it is cancelled.
     """
 
-    def __init__(self, engine: Engine, max_running: int, commands: Queue[Command], replies: Queue[Reply]) -> None:
+    def __init__(self, engine: Engine, max_running: int, commands: Queue[Command], replies: Connection) -> None:
         self.engine = engine
         self.max_running = max_running
         self.commands = commands
@@ -123,14 +124,14 @@ class EngineLoop:
         try:
             prompt_tokens = self.engine.check(submit.request)
         except HogwildError as error:
-            self.replies.put(Rejected(submit.request_id, error.code, error.message, error.param))
+            self.replies.send(Rejected(submit.request_id, error.code, error.message, error.param))
             return
         except Exception:  # noqa: BLE001 - a fault in one request's check must not stop the engine
             logger.exception("checking request %s failed", submit.request_id)
-            self.replies.put(Rejected(submit.request_id, "engine_error", "the engine could not check the request", None))
+            self.replies.send(Rejected(submit.request_id, "engine_error", "the engine could not check the request", None))
             return
         self.waiting[submit.request_id] = submit.request
-        self.replies.put(Accepted(submit.request_id, prompt_tokens))
+        self.replies.send(Accepted(submit.request_id, prompt_tokens))
 
     def _admit(self) -> None:
         """Moves waiting requests into the engine, oldest first, while it has room."""
@@ -155,7 +156,7 @@ class EngineLoop:
 
     def _fail_waiting(self, request_id: str, message: str, code: str) -> None:
         del self.waiting[request_id]
-        self.replies.put(StepEvents([(request_id, ErrorEvent(message, code))]))
+        self.replies.send(StepEvents([(request_id, ErrorEvent(message, code))]))
 
     def _step(self) -> None:
         try:
@@ -168,7 +169,7 @@ class EngineLoop:
             if isinstance(event, (DoneEvent, ErrorEvent)):
                 self.running.discard(request_id)
         if events:
-            self.replies.put(StepEvents(events))
+            self.replies.send(StepEvents(events))
 
     def _fail_running(self) -> None:
         failed = sorted(self.running)
@@ -178,10 +179,10 @@ class EngineLoop:
                 self.engine.cancel(request_id)
             except Exception:  # noqa: BLE001
                 logger.exception("cancelling request %s after a failed step failed", request_id)
-        self.replies.put(StepEvents([(request_id, ErrorEvent(STEP_FAILED_MESSAGE)) for request_id in failed]))
+        self.replies.send(StepEvents([(request_id, ErrorEvent(STEP_FAILED_MESSAGE)) for request_id in failed]))
 
     def _report_occupancy(self) -> None:
         occupancy = Occupancy(len(self.running), len(self.waiting))
         if occupancy != self._reported:
-            self.replies.put(occupancy)
+            self.replies.send(occupancy)
             self._reported = occupancy

@@ -58,13 +58,20 @@ class ScriptedEngine:
         return events
 
 
+class Outbox(queue.Queue):
+    """Stands in for the reply pipe's write end."""
+
+    def send(self, reply: object) -> None:
+        self.put(reply)
+
+
 class Harness:
     """Runs an EngineLoop in a thread over in-process queues; `send` commands, read replies until a condition."""
 
     def __init__(self, engine: ScriptedEngine, max_running: int = 2) -> None:
         self.engine = engine
         self.inbox: queue.Queue = queue.Queue()
-        self.outbox: queue.Queue = queue.Queue()
+        self.outbox = Outbox()
         self.replies: list = []
         loop = EngineLoop(engine, max_running, self.inbox, self.outbox)  # type: ignore[arg-type]
         self._thread = threading.Thread(target=loop.run)
