@@ -105,6 +105,7 @@ def test_three_workers_fill_their_lanes_and_the_shared_history(page: Page) -> No
     assert page.inner_text("#answer-text").strip()
     assert int(page.inner_text("#stat-steps")) == history.count()
     assert int(page.inner_text("#stat-tokens")) == 3 * 16, "the usage chunk gives the exact count"
+    assert lanes.locator(".count").all_inner_texts() == ["16", "16", "16"]
     assert float(page.inner_text("#stat-rate")) > 0
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "web-run.png"), full_page=True)

@@ -119,7 +119,7 @@ async function consume(response, current) {
 function handleChunk(chunk, current) {
   if (chunk.error) throw new ServerError(chunk.error, null);
   if (!chunk.choices || chunk.choices.length === 0) {
-    if (chunk.usage) current.tokens = chunk.usage.completion_tokens;
+    if (chunk.usage) applyUsage(current, chunk.usage);
     return;
   }
   const choice = chunk.choices[0];
@@ -155,6 +155,15 @@ function countTokens(current, lane, count) {
   current.tokens += count;
   lane.tokens += count;
   lane.countEl.textContent = lane.tokens;
+}
+
+// The usage chunk is exact: the counters above also saw the tokens sampled after the finisher, which do not count.
+function applyUsage(current, usage) {
+  current.tokens = usage.completion_tokens;
+  for (const [index, tokens] of (usage.completion_tokens_per_worker || []).entries()) {
+    const lane = current.lanes[index];
+    if (lane) lane.countEl.textContent = lane.tokens = tokens;
+  }
 }
 
 function showAnswer(text, name) {
