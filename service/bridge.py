@@ -19,7 +19,7 @@ import uuid
 from typing import Awaitable, Callable
 
 from engine.config import EngineConfig, SessionRequest
-from engine.events import AnswerEvent, DoneEvent, ErrorEvent, Event, InsertedEvent, StepEndEvent, TokenEvent, Usage
+from engine.events import DoneEvent, ErrorEvent, Event, TokenEvent
 from service.engine_process import run_engine_process
 from service.errors import APIError, unavailable
 from service.messages import (
@@ -36,6 +36,7 @@ from service.messages import (
     Submit,
 )
 from service.metrics import Metrics
+from service.session import Session
 from service.settings import Settings
 
 logger = logging.getLogger("hogwild.bridge")
@@ -46,8 +47,6 @@ MAX_FAILED_STARTS = 3  # consecutive engine processes that died before becoming 
 STOP_TIMEOUT_SECONDS = 10.0
 ENGINE_LOST_MESSAGE = "the engine process stopped unexpectedly; it is restarting, retry shortly"
 
-SessionMessage = Accepted | Rejected | Event
-
 
 class EngineState(str, enum.Enum):
     STOPPED = "stopped"
@@ -55,67 +54,6 @@ class EngineState(str, enum.Enum):
     READY = "ready"
     DOWN = "down"  # the engine process died; a new one starts shortly
     FAILED = "failed"  # the model cannot be loaded; nothing will be retried
-
-
-class Session:
-    """One request's end of the bridge.
-
-    The bridge delivers, in this order: exactly one Accepted or Rejected (or an ErrorEvent if the engine went
-    away first), then the request's engine events, the last of which is a DoneEvent or ErrorEvent.
-    """
-
-    def __init__(self, request_id: str, num_workers: int, bridge: EngineBridge) -> None:
-        self.request_id = request_id
-        self.created_at = time.monotonic()
-        self.first_token_at: float | None = None
-        self.last_token_at: float | None = None
-        self._bridge = bridge
-        self._queue: asyncio.Queue[SessionMessage] = asyncio.Queue()
-        self._prompt_tokens = 0
-        self._sampled = [0] * num_workers  # tokens sampled per worker so far (what usage counts)
-        self._steps = [1] * num_workers  # the step each worker is in
-
-    def deliver(self, message: SessionMessage) -> None:
-        if isinstance(message, Accepted):
-            self._prompt_tokens = message.prompt_tokens
-        elif isinstance(message, (TokenEvent, InsertedEvent, StepEndEvent, AnswerEvent)):
-            self._steps[message.worker] = message.step
-            if isinstance(message, TokenEvent):
-                self._sampled[message.worker] += len(message.token_ids)
-        self._queue.put_nowait(message)
-
-    def aborted(self) -> DoneEvent:
-        """The session's end when the service stops it: every worker finishes with "abort", usage so far."""
-        usage = Usage(self._prompt_tokens, tuple(self._sampled), tuple(self._steps))
-        return DoneEvent(usage=usage, finish_reasons=("abort",) * len(self._sampled), answer=None)
-
-    async def next_event(self, timeout: float | None = None) -> Event | None:
-        """The next engine event of an accepted session, or None when `timeout` seconds pass without one."""
-        message = await self.next_message(timeout)
-        assert not isinstance(message, (Accepted, Rejected)), "a session is accepted or rejected once"
-        return message
-
-    async def next_message(self, timeout: float | None = None) -> SessionMessage | None:
-        """The next message, or None when `timeout` seconds pass without one."""
-        if not self._queue.empty():
-            return self._queue.get_nowait()
-        try:
-            return await asyncio.wait_for(self._queue.get(), timeout)
-        except asyncio.TimeoutError:
-            return None
-
-    def close(self) -> None:
-        """Ends the request: if the engine still works on it, it is cancelled within one step. Idempotent."""
-        self._bridge.release(self)
-
-    def mark_tokens(self, now: float, metrics: Metrics) -> None:
-        """Records that one engine step sampled tokens for this session."""
-        if self.first_token_at is None:
-            self.first_token_at = now
-            metrics.time_to_first_token.observe(now - self.created_at)
-        elif self.last_token_at is not None:
-            metrics.inter_token_latency.observe(now - self.last_token_at)
-        self.last_token_at = now
 
 
 class EngineProcess:
@@ -249,10 +187,12 @@ class EngineBridge:
             raise unavailable(f"the engine is not ready ({self.state.value}): {self.status_message}", self._retry_after)
         if len(self._sessions) >= self._max_requests:
             raise APIError(
-                503, "the server is at capacity; retry later", "queue_full",
+                503,
+                "the server is at capacity; retry later",
+                "queue_full",
                 headers={"Retry-After": str(self._retry_after)},
             )
-        session = Session(f"cmpl-{uuid.uuid4().hex}", request.num_workers, self)
+        session = Session(f"cmpl-{uuid.uuid4().hex}", request.num_workers, self.release)
         self._sessions[session.request_id] = session
         self._process.send(Submit(session.request_id, request))
         try:

@@ -20,7 +20,13 @@ from sse_starlette.sse import AppStatus
 from clients.cli_client import add_arguments as add_client_arguments
 from clients.cli_client import run_client
 from clients.lanes import LaneRenderer
-from engine.config import DEFAULT_MAX_TOKENS, DEFAULT_REDUNDANCY_CHECK_EVERY, EngineConfig, SamplingParams, SessionRequest
+from engine.config import (
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_REDUNDANCY_CHECK_EVERY,
+    EngineConfig,
+    SamplingParams,
+    SessionRequest,
+)
 from engine.errors import HogwildError
 from engine.events import AnswerEvent, DoneEvent, ErrorEvent, Event, InsertedEvent, StepEndEvent, TokenEvent
 from service.settings import ENV_PREFIX, Settings
@@ -99,13 +105,23 @@ def _add_session_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("task", help="the task (prompt) the workers solve together")
     parser.add_argument("--workers", type=int, help="number of workers, 1..8 (default: one per --names, else 2)")
     parser.add_argument("--names", help="comma-separated worker names, one per worker (default: Alice, Bob, ...)")
-    parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="token budget per worker (default: %(default)s)")
-    parser.add_argument("--temperature", type=float, default=sampling.temperature, help="0..2; 0 is greedy (default: %(default)s)")
-    parser.add_argument("--top-p", type=float, default=sampling.top_p, help="nucleus sampling, (0, 1] (default: %(default)s)")
-    parser.add_argument("--top-k", type=int, default=sampling.top_k, help="top-k sampling; 0 disables it (default: %(default)s)")
+    parser.add_argument(
+        "--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="token budget per worker (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--temperature", type=float, default=sampling.temperature, help="0..2; 0 is greedy (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--top-p", type=float, default=sampling.top_p, help="nucleus sampling, (0, 1] (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--top-k", type=int, default=sampling.top_k, help="top-k sampling; 0 disables it (default: %(default)s)"
+    )
     parser.add_argument("--seed", type=int, help="random seed for reproducible sampling")
     parser.add_argument(
-        "--redundancy-check-every", type=int, default=DEFAULT_REDUNDANCY_CHECK_EVERY,
+        "--redundancy-check-every",
+        type=int,
+        default=DEFAULT_REDUNDANCY_CHECK_EVERY,
         help="generated tokens between 'am I doing redundant work?' checks; 0 disables them (default: %(default)s)",
     )
     parser.add_argument("--no-final-answer", action="store_true", help="do not force a final answer at the end")

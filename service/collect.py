@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from engine.events import AnswerEvent, DoneEvent, ErrorEvent, Event, InsertedEvent, StepEndEvent, TokenEvent
-from service.bridge import Session
 from service.errors import APIError
 from service.schemas import CompletionResponse, CompletionUsage, TranscriptStep, WorkerChoice, WorkerViewBody
+from service.session import Session
 
 
 class CompletionCollector:
@@ -48,7 +48,7 @@ class CompletionCollector:
     def _response(self, done: DoneEvent) -> CompletionResponse:
         choices = [
             WorkerChoice(index=worker, worker=name, text="".join(self._texts[worker]), finish_reason=reason)
-            for worker, (name, reason) in enumerate(zip(self.names, done.finish_reasons))
+            for worker, (name, reason) in enumerate(zip(self.names, done.finish_reasons, strict=True))
         ]
         views = None
         if done.views is not None:

@@ -128,7 +128,9 @@ class EngineLoop:
             return
         except Exception:  # noqa: BLE001 - a fault in one request's check must not stop the engine
             logger.exception("checking request %s failed", submit.request_id)
-            self.replies.send(Rejected(submit.request_id, "engine_error", "the engine could not check the request", None))
+            self.replies.send(
+                Rejected(submit.request_id, "engine_error", "the engine could not check the request", None)
+            )
             return
         self.waiting[submit.request_id] = submit.request
         self.replies.send(Accepted(submit.request_id, prompt_tokens))

@@ -38,7 +38,7 @@ class Histogram:
     def render(self, name: str) -> list[str]:
         lines = []
         cumulative = 0
-        for bound, count in zip(self.buckets, self.counts):
+        for bound, count in zip(self.buckets, self.counts, strict=True):
             cumulative += count
             lines.append(f'{name}_bucket{{le="{_number(bound)}"}} {cumulative}')
         lines.append(f'{name}_bucket{{le="+Inf"}} {self.count}')
@@ -65,21 +65,33 @@ class Metrics:
         blocks = [
             _block("hogwild_sessions_running", "gauge", "Sessions running in the engine.", [f"{num_running}"]),
             _block("hogwild_sessions_waiting", "gauge", "Accepted requests waiting for a session.", [f"{num_waiting}"]),
-            _block("hogwild_engine_up", "gauge", "1 when the engine process is loaded and serving.", [f"{int(is_engine_up)}"]),
             _block(
-                "hogwild_engine_restarts_total", "counter", "Engine process restarts after a crash.",
+                "hogwild_engine_up",
+                "gauge",
+                "1 when the engine process is loaded and serving.",
+                [f"{int(is_engine_up)}"],
+            ),
+            _block(
+                "hogwild_engine_restarts_total",
+                "counter",
+                "Engine process restarts after a crash.",
                 [f"{self.engine_restarts}"],
             ),
             _block(
-                "hogwild_generated_tokens_total", "counter", "Tokens sampled by all workers of all sessions.",
+                "hogwild_generated_tokens_total",
+                "counter",
+                "Tokens sampled by all workers of all sessions.",
                 [f"{self.generated_tokens}"],
             ),
             _block(
-                "hogwild_requests_total", "counter", "Completion requests by outcome.",
+                "hogwild_requests_total",
+                "counter",
+                "Completion requests by outcome.",
                 [f'{{outcome="{outcome}"}} {count}' for outcome, count in sorted(self.requests.items())],
             ),
             _histogram_block(
-                "hogwild_time_to_first_token_seconds", "Seconds from request arrival to its first sampled token.",
+                "hogwild_time_to_first_token_seconds",
+                "Seconds from request arrival to its first sampled token.",
                 self.time_to_first_token,
             ),
             _histogram_block(

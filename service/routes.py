@@ -9,11 +9,12 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from sse_starlette import EventSourceResponse
 
-from service.bridge import EngineBridge, EngineState, Session
+from service.bridge import EngineBridge, EngineState
 from service.collect import CompletionCollector
 from service.errors import APIError, unavailable
 from service.metrics import CONTENT_TYPE, Metrics
 from service.schemas import CompletionRequest, CompletionResponse, ErrorResponse, ModelCard, ModelList
+from service.session import Session
 from service.settings import Settings
 from service.streaming import ChunkWriter, stream_session
 
@@ -59,10 +60,14 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     session_request = body.session_request()
     session_request.validate(max_workers=settings.max_workers, max_tokens=settings.max_tokens)
     if bridge.state is not EngineState.READY:
-        raise unavailable(f"the engine is not ready ({bridge.state.value}): {bridge.status_message}", settings.retry_after_seconds)
+        raise unavailable(
+            f"the engine is not ready ({bridge.state.value}): {bridge.status_message}", settings.retry_after_seconds
+        )
     model = bridge.model_name or ""
     if body.model is not None and body.model != model:
-        raise APIError(404, f"model {body.model!r} is not served here; this server serves {model!r}", "model_not_found", "model")
+        raise APIError(
+            404, f"model {body.model!r} is not served here; this server serves {model!r}", "model_not_found", "model"
+        )
     session = await bridge.open_session(session_request)
     created = int(time.time())
     if body.stream:

@@ -55,9 +55,7 @@ class CompletionRequest(BaseModel):
             num_workers=self.workers,
             worker_names=tuple(self.worker_names) if self.worker_names is not None else None,
             max_tokens=self.max_tokens,
-            sampling=SamplingParams(
-                temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed
-            ),
+            sampling=SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed),
             redundancy_check_every=self.redundancy_check_every,
             final_answer=self.final_answer,
             return_views=self.return_views,

@@ -24,7 +24,9 @@ class Settings(BaseSettings):
     model: str = Field(
         DEFAULT_MODEL, description='"default" (embedded SmolLM2-135M-Instruct), a local Hugging Face folder or a hub id'
     )
-    device: str | None = Field(None, description="torch device for the engine, e.g. cpu or cuda:0; unset: cuda when present, else cpu")
+    device: str | None = Field(
+        None, description="torch device for the engine, e.g. cpu or cuda:0; unset: cuda when present, else cpu"
+    )
     dtype: Literal["bfloat16", "float16", "float32"] | None = Field(
         None, description="weights and cache dtype; unset: bfloat16"
     )

@@ -11,13 +11,12 @@ from __future__ import annotations
 import json
 from typing import AsyncIterator, Callable
 
-from engine.events import AnswerEvent, DoneEvent, ErrorEvent, Event, InsertedEvent, StepEndEvent, TokenEvent
-from service.bridge import Session
-from service.errors import error_body
+from engine.events import AnswerEvent, DoneEvent, Event, InsertedEvent, StepEndEvent, TokenEvent
+from service.errors import STATUS_BY_CODE, error_body
+from service.session import Session
 
 DONE_FRAME = b"data: [DONE]\n\n"
 PING_FRAME = b": ping\n\n"
-ERROR_STATUS_BY_CODE = {"engine_unavailable": 503}
 
 
 def frame(payload: dict) -> bytes:
@@ -46,11 +45,16 @@ class ChunkWriter:
             self.outcome = "ok"
             return self._finish(event)
         self.outcome = "error"
-        status = ERROR_STATUS_BY_CODE.get(event.code, 500)
+        status = STATUS_BY_CODE.get(event.code, 500)
         return [frame(error_body(status, event.message, event.code)), DONE_FRAME]
 
     def _worker_chunk(self, event: TokenEvent | InsertedEvent | StepEndEvent | AnswerEvent) -> dict:
-        hogwild: dict = {"worker": event.worker, "name": self.names[event.worker], "step": event.step, "kind": event.kind}
+        hogwild: dict = {
+            "worker": event.worker,
+            "name": self.names[event.worker],
+            "step": event.step,
+            "kind": event.kind,
+        }
         text = ""
         if isinstance(event, (TokenEvent, InsertedEvent)):
             text = event.text

@@ -38,7 +38,11 @@ class LiveServer:
     """Context manager around one server process; `url`, `log()` and `process` are available while it runs."""
 
     def __init__(
-        self, env: dict[str, str], args: list[str] | None = None, wait_ready: bool = True, timeout: float = START_TIMEOUT_S
+        self,
+        env: dict[str, str],
+        args: list[str] | None = None,
+        wait_ready: bool = True,
+        timeout: float = START_TIMEOUT_S,
     ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -128,7 +132,7 @@ def sse_data(response: httpx.Response) -> Iterator[str]:
     """The `data:` payloads of a streamed SSE response, in order; comments (keep-alives) are skipped."""
     for line in response.iter_lines():
         if line.startswith("data: "):
-            yield line[len("data: "):]
+            yield line[len("data: ") :]
 
 
 def wait_for_sessions(base_url: str, running: int, waiting: int = 0, timeout: float = 10.0) -> float:

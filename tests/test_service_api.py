@@ -108,7 +108,7 @@ def test_return_views_gives_each_workers_tokens_and_sampled_flags(client: httpx.
     body = complete(client, prompt="Hi", workers=2, max_tokens=6, final_answer=False, return_views=True).json()
     assert [view["worker"] for view in body["views"]] == [0, 1]
     total_sampled = body["usage"]["completion_tokens"]
-    for view, own_sampled in zip(body["views"], body["usage"]["completion_tokens_per_worker"]):
+    for view, own_sampled in zip(body["views"], body["usage"]["completion_tokens_per_worker"], strict=True):
         assert len(view["token_ids"]) == len(view["is_sampled"]) > total_sampled  # the prompt is in every view
         assert own_sampled <= sum(view["is_sampled"]) <= total_sampled  # own tokens, maybe others' in progress
 
@@ -131,7 +131,9 @@ def test_stream_follows_the_chunk_protocol(client: httpx.Client, model_id: str) 
         if hogwild["kind"] == "inserted":
             assert hogwild["reason"] in ("header", "intervention", "finisher")
     assert [(f["choices"][0]["index"], f["hogwild"]["kind"]) for f in finishes] == [(0, "finish"), (1, "finish")]
-    assert all(f["choices"][0]["finish_reason"] in ("stop", "length") and f["choices"][0]["text"] == "" for f in finishes)
+    assert all(
+        f["choices"][0]["finish_reason"] in ("stop", "length") and f["choices"][0]["text"] == "" for f in finishes
+    )
     assert usage_chunk["choices"] == [] and usage_chunk["usage"]["completion_tokens"] > 0
 
     # The stream carries exactly the non-streamed completion (greedy, so both runs are the same).
@@ -151,9 +153,7 @@ def test_stream_without_include_usage_has_no_usage_chunk(client: httpx.Client) -
 
 
 def test_chunks_of_all_workers_interleave(client: httpx.Client) -> None:
-    chunks = stream_chunks(
-        client, prompt="Plan a trip.", workers=3, max_tokens=16, temperature=0.0, final_answer=False
-    )
+    chunks = stream_chunks(client, prompt="Plan a trip.", workers=3, max_tokens=16, temperature=0.0, final_answer=False)
     tokens = [c["hogwild"]["worker"] for c in chunks[:-1] if c["hogwild"]["kind"] == "token"]
     positions = {worker: [i for i, w in enumerate(tokens) if w == worker] for worker in range(3)}
     for a in range(3):
@@ -167,7 +167,11 @@ def test_openai_sdk_reads_the_stream(server: str, client: httpx.Client, model_id
     request = {"prompt": "Name a color.", "max_tokens": 8, "temperature": 0.0}
     final = {"final_answer": False}
     stream = sdk.completions.create(
-        model=model_id, stream=True, stream_options={"include_usage": True}, extra_body={"workers": 2, **final}, **request
+        model=model_id,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"workers": 2, **final},
+        **request,
     )
     texts = {0: "", 1: ""}
     finish_reasons = {}
@@ -272,7 +276,9 @@ def test_full_queue_is_503_with_retry_after_and_waiting_streams_get_keepalives(
 ) -> None:
     with contextlib.ExitStack() as streams:
         responses = [
-            streams.enter_context(client.stream("POST", "/v1/hogwild/completions", json={**LONG_SESSION, "stream": True}))
+            streams.enter_context(
+                client.stream("POST", "/v1/hogwild/completions", json={**LONG_SESSION, "stream": True})
+            )
             for _ in range(MAX_SESSIONS + MAX_QUEUED)
         ]
         assert [r.status_code for r in responses] == [200] * (MAX_SESSIONS + MAX_QUEUED)
@@ -328,7 +334,9 @@ def test_metrics_count_requests_tokens_and_latencies(server: str, client: httpx.
     ok, invalid = 'hogwild_requests_total{outcome="ok"}', 'hogwild_requests_total{outcome="invalid_request"}'
     assert after[ok] == before.get(ok, 0) + 1
     assert after[invalid] == before.get(invalid, 0) + 1
-    assert after["hogwild_generated_tokens_total"] - before["hogwild_generated_tokens_total"] == usage["completion_tokens"]
+    assert (
+        after["hogwild_generated_tokens_total"] - before["hogwild_generated_tokens_total"] == usage["completion_tokens"]
+    )
     ttft = "hogwild_time_to_first_token_seconds"
     assert after[f"{ttft}_count"] == before[f"{ttft}_count"] + 1
     assert after[f'{ttft}_bucket{{le="+Inf"}}'] == after[f"{ttft}_count"]
@@ -362,14 +370,37 @@ def test_unknown_path_is_an_openai_shaped_404(server: str) -> None:
 
 def test_hogwild_client_streams_lanes_from_the_server(server: str) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "service", "client", "Say hi", "--url", server, "--api-key", API_KEY,
-         "--workers", "2", "--max-tokens", "5", "--no-final-answer", "--plain"],
-        cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "service",
+            "client",
+            "Say hi",
+            "--url",
+            server,
+            "--api-key",
+            API_KEY,
+            "--workers",
+            "2",
+            "--max-tokens",
+            "5",
+            "--no-final-answer",
+            "--plain",
+        ],
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0, result.stderr
     assert "[Alice] **Alice [1]:**" in result.stdout and "[Bob] **Bob [1]:**" in result.stdout
     refused = subprocess.run(
         [sys.executable, "-m", "service", "client", "Say hi", "--url", server, "--api-key", "wrong"],
-        cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, capture_output=True, text=True, timeout=60,
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert refused.returncode == 1 and "Traceback" not in refused.stderr

@@ -13,14 +13,31 @@ from live_server import REPO_ROOT
 def hogwild(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "service", *args],
-        cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, capture_output=True, text=True, timeout=120,
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
 def test_run_renders_one_lane_per_worker_and_a_summary(tiny_model_dir: Path) -> None:
     result = hogwild(
-        "run", "Say hi", "--names", "Ann,Ben,Cid", "--max-tokens", "6", "--no-final-answer", "--temperature", "0",
-        "--model", str(tiny_model_dir), "--device", "cpu", "--dtype", "float32",
+        "run",
+        "Say hi",
+        "--names",
+        "Ann,Ben,Cid",
+        "--max-tokens",
+        "6",
+        "--no-final-answer",
+        "--temperature",
+        "0",
+        "--model",
+        str(tiny_model_dir),
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
     )
     assert result.returncode == 0, result.stderr
     for name in ("Ann", "Ben", "Cid"):

@@ -92,7 +92,11 @@ def test_serve_exits_with_a_clear_message_when_the_model_cannot_load(tmp_path: P
     missing = tmp_path / "no-such-model"
     command = [sys.executable, "-m", "service", "serve", "--model", str(missing), "--port", str(free_port())]
     result = subprocess.run(
-        command, cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, capture_output=True, text=True,
+        command,
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        capture_output=True,
+        text=True,
         timeout=120,
     )
     assert result.returncode == 1

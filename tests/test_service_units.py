@@ -111,9 +111,7 @@ def test_validation_errors_are_400_before_the_engine_is_needed(clean_env: pytest
     assert health.status_code == 503 and health.json()["status"] == "stopped"
 
 
-def test_root_says_clearly_when_the_demo_is_missing(
-    clean_env: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+def test_root_says_clearly_when_the_demo_is_missing(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
     clean_env.setattr(app_module, "demo_directory", lambda: None)
     missing = TestClient(create_app(Settings())).get("/")
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "demo_missing"
@@ -137,9 +135,19 @@ def test_chunk_writer_frames_every_event_kind() -> None:
     chunks = parse_frames([data for event in SESSION_EVENTS for data in writer.frames(event)])
     assert writer.outcome == "ok"
     assert chunks[0] == {
-        "id": "cmpl-1", "object": "text_completion", "created": 1700000000, "model": "m",
+        "id": "cmpl-1",
+        "object": "text_completion",
+        "created": 1700000000,
+        "model": "m",
         "choices": [{"index": 0, "text": "**Alice [1]:** ", "logprobs": None, "finish_reason": None}],
-        "hogwild": {"worker": 0, "name": "Alice", "step": 1, "kind": "inserted", "token_ids": [1, 2], "reason": "header"},
+        "hogwild": {
+            "worker": 0,
+            "name": "Alice",
+            "step": 1,
+            "kind": "inserted",
+            "token_ids": [1, 2],
+            "reason": "header",
+        },
     }
     assert chunks[3]["hogwild"] == {"worker": 1, "name": "Bob", "step": 1, "kind": "token", "token_ids": [5, 6]}
     assert chunks[4]["choices"][0]["text"] == "" and chunks[4]["hogwild"]["step_text"] == "**Alice [1]:** Two."
@@ -154,8 +162,14 @@ def test_chunk_writer_reports_an_error_then_done() -> None:
     writer = ChunkWriter("cmpl-1", 0, "m", NAMES, include_usage=False)
     frames = writer.frames(ErrorEvent("engine lost", "engine_unavailable"))
     error, done = parse_frames(frames)
-    assert error == {"error": {"message": "engine lost", "type": "service_unavailable_error", "param": None,
-                               "code": "engine_unavailable"}}
+    assert error == {
+        "error": {
+            "message": "engine lost",
+            "type": "service_unavailable_error",
+            "param": None,
+            "code": "engine_unavailable",
+        }
+    }
     assert frames[-1] == DONE_FRAME and done == "[DONE]" and writer.outcome == "error"
 
 
@@ -182,7 +196,11 @@ def test_histogram_renders_cumulative_buckets() -> None:
     for value in (0.05, 0.1, 0.5, 3.0):
         histogram.observe(value)
     assert histogram.render("h") == [
-        'h_bucket{le="0.1"} 2', 'h_bucket{le="1.0"} 3', 'h_bucket{le="+Inf"} 4', "h_sum 3.65", "h_count 4",
+        'h_bucket{le="0.1"} 2',
+        'h_bucket{le="1.0"} 3',
+        'h_bucket{le="+Inf"} 4',
+        "h_sum 3.65",
+        "h_count 4",
     ]
 
 
@@ -202,7 +220,7 @@ def test_metrics_text_is_valid_exposition() -> None:
     for line in lines:  # every sample belongs to a family declared just before it
         if not line.startswith("#"):
             family = line.split("{")[0].split(" ")[0]
-            declared = [l.split()[2] for l in lines if l.startswith("# TYPE")]
+            declared = [other.split()[2] for other in lines if other.startswith("# TYPE")]
             assert any(family == name or family.startswith(f"{name}_") for name in declared), line
 
 
@@ -211,8 +229,11 @@ def test_cors_preflight_passes_and_refusals_carry_cors_headers(clean_env: pytest
     client = TestClient(create_app(settings))
     preflight = client.options(
         "/v1/hogwild/completions",
-        headers={"Origin": "http://demo.test", "Access-Control-Request-Method": "POST",
-                 "Access-Control-Request-Headers": "authorization,content-type"},
+        headers={
+            "Origin": "http://demo.test",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type",
+        },
     )
     assert preflight.status_code == 200
     assert preflight.headers["access-control-allow-origin"] == "http://demo.test"
