@@ -44,10 +44,16 @@ MERGE_ROWS = 16  # query rows per merge program
 MIN_CHUNK_TILES = 4  # a chunk holds at least this many key tiles before the key range is split further
 PROGRAMS_PER_SM = 4  # chunk programs aimed at per multiprocessor when splitting keys
 INTERPRETER_PROGRAMS = 16  # the same aim on the CPU interpreter (no multiprocessors to count)
+STAGES = {torch.float32: 1}  # software-pipeline depth: float32 tiles fit every GPU's shared memory only unpipelined
+DEFAULT_STAGES = 3
 LOG2_E = math.log2(math.e)
+# Arguments that change from call to call: left unspecialised, so one compiled kernel serves every session.
+_CHUNK_RUNTIME_ARGS = ["stride_vn", "stride_lc", "stride_lh", "n", "first_block", "block_len", "chunks_per_block",
+                       "first_chunk"]
+_MERGE_RUNTIME_ARGS = ["stride_lc", "stride_lh", "num_rows", "num_chunks"]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_CHUNK_RUNTIME_ARGS)
 def _chunk_kernel(
     q_ptr, cos_ptr, sin_ptr, vis_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
     stride_qh, stride_qn,  # q (Hq, n, D), unit stride on D
@@ -117,7 +123,7 @@ def _chunk_kernel(
     tl.store(lse_ptr + chunk * stride_lc + h * stride_lh + rows, lse, mask=is_row)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_MERGE_RUNTIME_ARGS)
 def _merge_kernel(
     part_ptr, lse_ptr, out_ptr,
     stride_pc, stride_ph, stride_pr,  # partial out (C, Hkv, R, D) float32
@@ -199,6 +205,8 @@ def triton_group_attention(
     cache = group.cache
     num_q_heads, n, dim = q.shape
     num_kv = cache.common_k.shape[1]
+    if q.device.type != "cuda" and isinstance(_chunk_kernel, triton.JITFunction):
+        raise RuntimeError("the Triton attention needs CUDA tensors (or TRITON_INTERPRET=1 before Triton's import)")
     if dim not in SUPPORTED_HEAD_DIMS:
         raise UnsupportedModelError(f"the Triton attention supports head_dim {SUPPORTED_HEAD_DIMS}, not {dim}")
     assert num_q_heads % num_kv == 0, "query heads must be a multiple of KV heads"
@@ -226,6 +234,7 @@ def triton_group_attention(
             keys.num_chunks // keys.k.shape[0], first_chunk, scale * LOG2_E,
             HALF=dim // 2, BLOCK_M=block_m, BLOCK_N=BLOCK_N,
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            num_stages=STAGES.get(q.dtype, DEFAULT_STAGES),
         )
         first_chunk += keys.num_chunks
     out = torch.empty((num_kv, rows, dim), dtype=q.dtype, device=q.device)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -143,6 +144,25 @@ def test_other_head_dims_are_refused() -> None:
     group, q, inv_freq = random_group(0, 2, 2, 32, torch.float32)
     with pytest.raises(UnsupportedModelError, match="head_dim"):
         triton_group_attention(group, 0, q, 32**-0.5, inv_freq)
+
+
+def test_cpu_tensors_without_the_interpreter_are_refused() -> None:
+    """Outside the interpreter the kernels cannot touch CPU memory: a clear error, not a crash in Triton."""
+    script = (
+        "import torch\n"
+        "from engine.plan import Run, build_forward\n"
+        "from engine.cache import SessionCache\n"
+        "from engine.triton_attention import triton_group_attention\n"
+        "cache = SessionCache(1, 1, 64, 1, torch.float32, torch.device('cpu'))\n"
+        "inv_freq = torch.ones(32)\n"
+        "group = build_forward([(cache, [Run(0, 0, (1,), ())])], inv_freq, torch.float32).groups[0]\n"
+        "triton_group_attention(group, 0, torch.randn(1, 1, 64), 0.125, inv_freq)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    command = [sys.executable, "-c", script]
+    result = subprocess.run(command, check=False, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "needs CUDA tensors" in result.stderr
 
 
 @pytest.fixture
