@@ -1,0 +1,402 @@
+"""The GPU run of issue 5 in one script: correctness, attention per layer, aggregate tokens/s.
+
+Sections, in order (each printed as a markdown table and, when $OUT is set, rewritten to $OUT/gpu_tables.md as
+soon as it is done, so a run cut short keeps what finished):
+1. Correctness: the Triton attention against the reference on random block layouts (every dtype the device
+   runs), and a 4-worker greedy session of a tiny random Llama that must give the same tokens with the "triton"
+   and "torch" backends.
+2. Attention per layer for 1, 2, 4, 8 workers vs SDPA over one sequence (bench_attention.py).
+3. Aggregate decode tokens/s for 1, 2, 4, 8 workers at 1k, 4k, 16k context: the engine with a Qwen3-8B-shaped
+   model vs HF generate of the same model with N sequences (num_return_sequences). Prefill is excluded.
+Nothing is downloaded: models are built from configs with random weights (speed does not depend on weight
+values) and a word-level tokenizer is built in memory ("w17" is token 17), so prompts are random token ids.
+Random weights never write a sentence end and a blank line, so no step ends: every worker's block only grows.
+Rows that would start after --budget-s are listed as skipped.
+
+    python bench/bench_gpu.py                 # on the GPU machine (about 8 minutes on an H100)
+    python bench/bench_gpu.py --smoke         # anywhere, tiny shapes, seconds (CPU: Triton's interpreter)
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():  # Triton runs CPU tensors only in its interpreter, chosen when first imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import transformers
+from bench_attention import Heads, attention_table, device_name
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers.generation.streamers import BaseStreamer
+
+from engine import attention
+from engine.attention import ATTENTION_NAME, reference_group_attention
+from engine.cache import SessionCache
+from engine.config import EngineConfig, SamplingParams, SessionRequest
+from engine.engine import Engine
+from engine.events import TokenEvent
+from engine.model import LoadedModel, check_architecture, register_attention
+from engine.plan import GroupPlan, Run, build_forward
+from engine.session import PREFILL_CHUNK
+
+GREEDY = SamplingParams(temperature=0.0)
+WARMUP_STEPS = 3  # decode steps run before timing starts
+WARM_UP_CONTEXT = 256  # prompt tokens of the untimed runs that compile kernels first
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+QWEN3_8B = {  # Qwen3-8B's published shape
+    "hidden_size": 4096, "intermediate_size": 12288, "num_attention_heads": 32, "num_key_value_heads": 8,
+    "head_dim": 128, "vocab_size": 151936, "max_position_embeddings": 40960, "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False, "rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0},
+}
+TINY = {
+    "hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2,
+    "head_dim": 64, "vocab_size": 512, "max_position_embeddings": 4096, "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one run measures."""
+
+    device: torch.device
+    layers: int
+    contexts: list[int]
+    workers: list[int]
+    steps: int  # timed decode steps per run
+    shape: dict
+    check_layouts: int
+    check_common: int  # longest common block of the random layouts
+    check_tokens: int  # greedy tokens per worker in the engine-level check
+    deadline: float  # time.perf_counter() after which no new row starts
+
+
+class Report:
+    """Markdown sections, printed and rewritten to $OUT/gpu_tables.md after each one."""
+
+    def __init__(self, header: str) -> None:
+        self.sections = [header]
+        out = os.environ.get("OUT")
+        self.path = Path(out) / "gpu_tables.md" if out else None
+        self.add("")
+
+    def add(self, section: str) -> None:
+        if section:
+            self.sections.append(section)
+            print("\n" + section + "\n", flush=True)
+        if self.path:
+            self.path.write_text("\n\n".join(self.sections) + "\n")
+
+
+# ---- models built from configs ------------------------------------------------------------------------------
+
+
+def word_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """Whitespace-separated words "w1".."w{V-1}" are tokens 1..V-1; anything else is [UNK] (0)."""
+    vocab = {"[UNK]": 0} | {f"w{i}": i for i in range(1, vocab_size)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]")
+
+
+def random_model(family: str, shape: dict, layers: int, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+    """A random-weight model built on `device`, wired for Hogwild! attention like engine.model.load_model."""
+    config = AutoConfig.for_model(family, num_hidden_layers=layers, use_sliding_window=False, **shape)
+    context = check_architecture(config)
+    register_attention()
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=ATTENTION_NAME)
+    model.eval()
+    return LoadedModel(
+        name=f"random-{family}-{layers}-layers",
+        model=model,
+        tokenizer=word_tokenizer(shape["vocab_size"]),
+        device=device,
+        dtype=dtype,
+        inv_freq=model.model.rotary_emb.inv_freq.detach().to(device, torch.float32),
+        num_layers=layers,
+        num_kv_heads=shape["num_key_value_heads"],
+        head_dim=shape["head_dim"],
+        context_length=context,
+        eos_token_ids=frozenset(),  # runs always last their full length
+    )
+
+
+def words(rng: random.Random, count: int, vocab_size: int) -> str:
+    return " ".join(f"w{rng.randrange(1, vocab_size)}" for _ in range(count))
+
+
+# ---- 1. correctness -----------------------------------------------------------------------------------------
+
+
+def random_layout_group(
+    rng: random.Random, dtype: torch.dtype, plan: Plan
+) -> tuple[GroupPlan, torch.Tensor, torch.Tensor]:
+    """A random session: common block, labels and worker steps of random lengths; random views; random q/k/v."""
+    heads = Heads(plan.shape["num_attention_heads"], plan.shape["num_key_value_heads"], plan.shape["head_dim"])
+    num_small = rng.randint(3, 10)
+    lengths = [rng.randint(1, plan.check_common)] + [rng.randint(0, 200) for _ in range(num_small)]
+    runs = []
+    for own in rng.sample(range(1, num_small + 1), k=rng.randint(1, num_small)):
+        others = [b for b in range(1, num_small + 1) if b != own and lengths[b] and rng.random() < 0.7]
+        rng.shuffle(others)
+        view = ((0, rng.randint(1, lengths[0])),) + tuple((b, rng.randint(1, lengths[b])) for b in others)
+        runs.append(Run(own, lengths[own], tuple(range(rng.randint(1, 4))), view, want_logits=True))
+    dim = heads.head_dim
+    cache = SessionCache(1, heads.num_kv_heads, dim, num_small, dtype, plan.device, 64, 64)
+    cache.lengths = lengths
+    inv_freq = 1.0 / (1e6 ** (torch.arange(0, dim, 2, device=plan.device, dtype=torch.float32) / dim))
+    group = build_forward([(cache, runs)], inv_freq, dtype).groups[0]
+    for tensor in (cache.common_k, cache.common_v, cache.small_k, cache.small_v):
+        tensor.normal_()
+    q = torch.randn(heads.num_q_heads, group.vis.shape[0], dim, device=plan.device, dtype=dtype)
+    return group, q, inv_freq
+
+
+def register_triton_backend() -> None:
+    """Makes "triton" a backend name of engine.attention whether or not the engine registers it itself."""
+    from engine.triton_attention import triton_group_attention
+
+    attention.BACKENDS.setdefault("triton", triton_group_attention)
+
+
+def kernel_check(plan: Plan) -> tuple[str, bool]:
+    """Triton vs reference on random layouts, per dtype: the worst error against its tolerance."""
+    triton_group_attention = attention.BACKENDS["triton"]
+    dtypes = [torch.bfloat16, torch.float16, torch.float32] if plan.device.type == "cuda" else [torch.float32]
+    lines = ["| dtype | layouts | max abs error vs reference | tolerance | result |", "|---|---:|---:|---:|---|"]
+    ok = True
+    for dtype in dtypes:
+        rng, worst, passed, tol = random.Random(0), 0.0, True, TOLERANCE[dtype]
+        for _ in range(plan.check_layouts):
+            group, q, inv_freq = random_layout_group(rng, dtype, plan)
+            scale = q.shape[-1] ** -0.5
+            out = triton_group_attention(group, 0, q, scale, inv_freq).float()
+            reference = reference_group_attention(group, 0, q, scale, inv_freq).float()
+            error = (out - reference).abs()
+            worst = max(worst, error.max().item())
+            passed &= bool((error <= tol + tol * reference.abs()).all())  # torch.testing.assert_close's rule
+        ok &= passed
+        name = str(dtype).removeprefix("torch.")
+        result = "ok" if passed else "FAIL"
+        lines.append(f"| {name} | {plan.check_layouts} | {worst:.2e} | {TOLERANCE[dtype]:.0e} | {result} |")
+    return "\n".join(lines), ok
+
+
+def session_check(plan: Plan) -> tuple[str, bool]:
+    """A 4-worker greedy session of a tiny random Llama (float32) through both backends: same tokens."""
+    model = random_model("llama", TINY | {"hidden_size": 256}, 2, torch.float32, plan.device)
+    engine = Engine(model, EngineConfig(max_tokens=plan.check_tokens))
+    prompt = words(random.Random(1), 40, TINY["vocab_size"])
+    request = SessionRequest(
+        prompt=prompt, num_workers=4, max_tokens=plan.check_tokens, sampling=GREEDY, redundancy_check_every=0,
+        final_answer=False,
+    )
+    tokens = {}
+    for backend in ("torch", "triton"):
+        engine.attention = backend
+        tokens[backend] = [(e.worker, e.token_ids) for e in engine.generate(request) if isinstance(e, TokenEvent)]
+    same = tokens["torch"] == tokens["triton"] and len(tokens["torch"]) > 0
+    result = "same tokens" if same else "DIFFERENT"
+    return (
+        "| engine session: triton vs torch backend | result |\n|---|---|\n"
+        f"| 4 workers x {plan.check_tokens} greedy tokens, tiny Llama, float32 | {result} |"
+    ), same
+
+
+# ---- 3. aggregate tokens/s ----------------------------------------------------------------------------------
+
+
+class StepClock(BaseStreamer):
+    """Timestamps generate()'s streamer calls: the prompt first, then one per generated token (after a sync)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def hogwild_tokens_per_s(engine: Engine, context: int, workers: int, steps: int) -> float:
+    """Aggregate sampled tokens/s over `steps` lockstep decode steps of one session with `workers` workers."""
+    m = engine.model
+    vocab = m.model.config.vocab_size
+    probe = SessionRequest(prompt="w1", num_workers=workers, max_tokens=1)
+    filler = words(random.Random(context), max(1, context - engine.check(probe) + 1), vocab)
+    request = SessionRequest(
+        prompt=filler, num_workers=workers, max_tokens=WARMUP_STEPS + steps + 2, sampling=GREEDY,
+        redundancy_check_every=0, final_answer=False,
+    )
+    prefill_forwards = math.ceil(engine.check(request) / PREFILL_CHUNK)
+    engine.add_session("bench", request)
+    try:
+        for _ in range(prefill_forwards + WARMUP_STEPS):  # the last prefill forward samples the first tokens
+            engine.step()
+        synchronize(m.device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            engine.step()  # sampling reads the logits on the host, so each step ends synchronised
+        return workers * steps / (time.perf_counter() - start)
+    finally:
+        engine.cancel("bench")
+
+
+def hf_tokens_per_s(m: LoadedModel, context: int, sequences: int, steps: int) -> float:
+    """Aggregate tokens/s of HF generate decoding `sequences` samples of one random prompt, prefill excluded."""
+    model = m.model
+    prompt = torch.randint(1, model.config.vocab_size, (1, context), device=m.device)
+    clock = StepClock()
+    new_tokens = 1 + WARMUP_STEPS + steps
+    model.set_attn_implementation("sdpa")
+    try:
+        with torch.inference_mode():
+            model.generate(
+                prompt, attention_mask=torch.ones_like(prompt), do_sample=True, num_return_sequences=sequences,
+                max_new_tokens=new_tokens, min_new_tokens=new_tokens, streamer=clock, pad_token_id=0,
+            )
+    finally:
+        model.set_attn_implementation(ATTENTION_NAME)
+    timed = clock.times[1 + WARMUP_STEPS :]  # times[0]: the prompt; times[1]: after prefill and the first token
+    return sequences * (len(timed) - 1) / (timed[-1] - timed[0])
+
+
+def warm_up(engine: Engine, plan: Plan) -> None:
+    """Compiles kernels and fills allocator pools for every worker count before anything is timed."""
+    for workers in plan.workers:
+        hogwild_tokens_per_s(engine, WARM_UP_CONTEXT, workers, 1)
+        hf_tokens_per_s(engine.model, WARM_UP_CONTEXT, workers, 1)
+
+
+def throughput_table(plan: Plan, dtype: torch.dtype, backend: str) -> str:
+    """One row per (context, workers); a row that fails (say, out of memory) says so and the table goes on."""
+    m = random_model("qwen3", plan.shape, plan.layers, dtype, plan.device)
+    engine = Engine(m, EngineConfig(max_tokens=100_000))
+    engine.attention = backend
+    warm_up(engine, plan)
+    caption = (
+        f"Aggregate decode tokens/s, {device_name(plan.device)}, Qwen3-8B-shaped random model with {plan.layers} "
+        f"layers, {str(dtype).removeprefix('torch.')}, engine attention '{backend}'; {plan.steps} timed "
+        f"decode steps after {WARMUP_STEPS} warm-up steps, prefill excluded. HF: generate with "
+        "num_return_sequences = workers, SDPA attention."
+    )
+    lines = [
+        caption,
+        "",
+        "| context | workers | Hogwild tok/s (vs 1 worker) | HF generate tok/s (vs 1 sequence) | Hogwild / HF |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for context in plan.contexts:
+        base: dict[str, float] = {}
+        for workers in plan.workers:
+            lines.append(throughput_row(engine, plan, context, workers, base))
+            print("  " + lines[-1], flush=True)
+    return "\n".join(lines)
+
+
+def throughput_row(engine: Engine, plan: Plan, context: int, workers: int, base: dict[str, float]) -> str:
+    """One markdown row; `base` keeps the context's first (1-worker) results for the speedup columns."""
+    if time.perf_counter() > plan.deadline:
+        return f"| {context} | {workers} | skipped (time budget) | | |"
+    try:
+        hogwild = hogwild_tokens_per_s(engine, context, workers, plan.steps)
+        hf = hf_tokens_per_s(engine.model, context, workers, plan.steps)
+    except RuntimeError as exc:  # out of memory included: the other rows still count
+        return f"| {context} | {workers} | failed: {type(exc).__name__} | | |"
+    finally:
+        if plan.device.type == "cuda":
+            torch.cuda.empty_cache()  # HF's cache of N long sequences is the largest allocation
+    base.setdefault("hogwild", hogwild)
+    base.setdefault("hf", hf)
+    return (
+        f"| {context} | {workers} | {hogwild:.1f} ({hogwild / base['hogwild']:.2f}x) | "
+        f"{hf:.1f} ({hf / base['hf']:.2f}x) | {hogwild / hf:.2f} |"
+    )
+
+
+# ---- the run ------------------------------------------------------------------------------------------------
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    deadline = time.perf_counter() + args.budget_s
+    if args.smoke:
+        return Plan(
+            device=torch.device("cuda" if torch.cuda.is_available() else "cpu"), layers=2, contexts=[64, 200],
+            workers=[1, 2], steps=3, shape=TINY, check_layouts=2, check_common=150, check_tokens=4, deadline=deadline,
+        )
+    if not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run with --smoke to check the script on CPU")
+    return Plan(
+        device=torch.device("cuda"), layers=args.layers, contexts=[1024, 4096, 16384], workers=[1, 2, 4, 8],
+        steps=args.steps, shape=QWEN3_8B, check_layouts=8, check_common=3000, check_tokens=48, deadline=deadline,
+    )
+
+
+def correctness(plan: Plan) -> tuple[str, bool]:
+    kernel, kernel_ok = kernel_check(plan)
+    session, session_ok = session_check(plan)
+    return f"{kernel}\n\n{session}", kernel_ok and session_ok
+
+
+def guarded(report: Report, title: str, make: Callable[[], tuple[str, bool]]) -> bool:
+    """Adds the section `make` builds; a crash becomes a FAILED section so the next sections still run."""
+    try:
+        body, ok = make()
+    except Exception as exc:  # noqa: BLE001 - the report keeps every section that can still be measured
+        traceback.print_exc()
+        body, ok = f"FAILED: {type(exc).__name__}: {exc}\n\n```\n{traceback.format_exc(limit=-6)}```", False
+    report.add(f"## {title}{'' if ok else ' (FAILED)'}\n\n{body}")
+    return ok
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, any device, seconds")
+    parser.add_argument("--layers", type=int, default=36, help="decoder layers of the Qwen3-8B-shaped model")
+    parser.add_argument("--steps", type=int, default=32, help="timed decode steps per throughput run")
+    parser.add_argument("--budget-s", type=float, default=450.0, help="no new benchmark row starts after this")
+    args = parser.parse_args()
+    plan = make_plan(args)
+    register_triton_backend()
+    import triton
+
+    report = Report(
+        f"# GPU tables: {device_name(plan.device)}\n\ntorch {torch.__version__}, transformers "
+        f"{transformers.__version__}, triton {triton.__version__}"
+    )
+    checked = guarded(report, "1. Correctness", lambda: correctness(plan))
+    use_triton = checked and plan.device.type == "cuda"  # a failed check leaves the PyTorch path to measure
+    heads = Heads(plan.shape["num_attention_heads"], plan.shape["num_key_value_heads"], plan.shape["head_dim"])
+    with torch.inference_mode():
+        guarded(report, "2. Attention per layer", lambda: (attention_table(
+            plan.contexts, plan.workers, heads, torch.bfloat16, plan.device, include_triton=use_triton), True))
+        guarded(report, "3. Aggregate tokens/s", lambda: (throughput_table(
+            plan, torch.bfloat16, "triton" if use_triton else "torch"), True))
+    if not checked:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
