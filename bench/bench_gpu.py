@@ -78,8 +78,9 @@ class Plan:
     contexts: list[int]
     workers: list[int]
     steps: int  # timed decode steps per run
-    shape: dict
-    check_layouts: int
+    shape: dict[str, object]  # config values of the benchmarked model family
+    shape_name: str
+    check_layouts: int  # random layouts per dtype in the kernel check
     check_common: int  # longest common block of the random layouts
     check_tokens: int  # greedy tokens per worker in the engine-level check
     deadline: float  # time.perf_counter() after which no new row starts
@@ -89,15 +90,14 @@ class Report:
     """Markdown sections, printed and rewritten to $OUT/gpu_tables.md after each one."""
 
     def __init__(self, header: str) -> None:
-        self.sections = [header]
         out = os.environ.get("OUT")
         self.path = Path(out) / "gpu_tables.md" if out else None
-        self.add("")
+        self.sections: list[str] = []
+        self.add(header)
 
     def add(self, section: str) -> None:
-        if section:
-            self.sections.append(section)
-            print("\n" + section + "\n", flush=True)
+        self.sections.append(section)
+        print("\n" + section + "\n", flush=True)
         if self.path:
             self.path.write_text("\n\n".join(self.sections) + "\n")
 
@@ -113,7 +113,9 @@ def word_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]")
 
 
-def random_model(family: str, shape: dict, layers: int, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+def random_model(
+    family: str, shape: dict[str, object], layers: int, dtype: torch.dtype, device: torch.device
+) -> LoadedModel:
     """A random-weight model built on `device`, wired for Hogwild! attention like engine.model.load_model."""
     config = AutoConfig.for_model(family, num_hidden_layers=layers, use_sliding_window=False, **shape)
     context = check_architecture(config)
@@ -200,7 +202,7 @@ def kernel_check(plan: Plan) -> tuple[str, bool]:
 
 def session_check(plan: Plan) -> tuple[str, bool]:
     """A 4-worker greedy session of a tiny random Llama (float32) through both backends: same tokens."""
-    model = random_model("llama", TINY | {"hidden_size": 256}, 2, torch.float32, plan.device)
+    model = random_model("llama", TINY | {"hidden_size": 256}, 2, torch.float32, plan.device)  # 4 heads x 64
     engine = Engine(model, EngineConfig(max_tokens=plan.check_tokens))
     prompt = words(random.Random(1), 40, TINY["vocab_size"])
     request = SessionRequest(
@@ -297,7 +299,7 @@ def throughput_table(plan: Plan, dtype: torch.dtype, backend: str) -> str:
     engine.attention = backend
     warm_up(engine, plan)
     caption = (
-        f"Aggregate decode tokens/s, {device_name(plan.device)}, Qwen3-8B-shaped random model with {plan.layers} "
+        f"Aggregate decode tokens/s, {device_name(plan.device)}, {plan.shape_name} random model with {plan.layers} "
         f"layers, {str(dtype).removeprefix('torch.')}, engine attention '{backend}'; {plan.steps} timed "
         f"decode steps after {WARMUP_STEPS} warm-up steps, prefill excluded. HF: generate with "
         "num_return_sequences = workers, SDPA attention."
@@ -317,7 +319,7 @@ def throughput_table(plan: Plan, dtype: torch.dtype, backend: str) -> str:
 
 
 def throughput_row(engine: Engine, plan: Plan, context: int, workers: int, base: dict[str, float]) -> str:
-    """One markdown row; `base` keeps the context's first (1-worker) results for the speedup columns."""
+    """One markdown row; `base` keeps the context's 1-worker results for the speedup columns."""
     if time.perf_counter() > plan.deadline:
         return f"| {context} | {workers} | skipped (time budget) | | |"
     try:
@@ -328,12 +330,11 @@ def throughput_row(engine: Engine, plan: Plan, context: int, workers: int, base:
     finally:
         if plan.device.type == "cuda":
             torch.cuda.empty_cache()  # HF's cache of N long sequences is the largest allocation
-    base.setdefault("hogwild", hogwild)
-    base.setdefault("hf", hf)
-    return (
-        f"| {context} | {workers} | {hogwild:.1f} ({hogwild / base['hogwild']:.2f}x) | "
-        f"{hf:.1f} ({hf / base['hf']:.2f}x) | {hogwild / hf:.2f} |"
-    )
+    if workers == 1:
+        base.update(hogwild=hogwild, hf=hf)
+    hogwild_x = f" ({hogwild / base['hogwild']:.2f}x)" if base else ""
+    hf_x = f" ({hf / base['hf']:.2f}x)" if base else ""
+    return f"| {context} | {workers} | {hogwild:.1f}{hogwild_x} | {hf:.1f}{hf_x} | {hogwild / hf:.2f} |"
 
 
 # ---- the run ------------------------------------------------------------------------------------------------
@@ -344,13 +345,15 @@ def make_plan(args: argparse.Namespace) -> Plan:
     if args.smoke:
         return Plan(
             device=torch.device("cuda" if torch.cuda.is_available() else "cpu"), layers=2, contexts=[64, 200],
-            workers=[1, 2], steps=3, shape=TINY, check_layouts=2, check_common=150, check_tokens=4, deadline=deadline,
+            workers=[1, 2], steps=3, shape=TINY, shape_name="tiny Qwen3", check_layouts=2, check_common=150,
+            check_tokens=4, deadline=deadline,
         )
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run with --smoke to check the script on CPU")
     return Plan(
         device=torch.device("cuda"), layers=args.layers, contexts=[1024, 4096, 16384], workers=[1, 2, 4, 8],
-        steps=args.steps, shape=QWEN3_8B, check_layouts=8, check_common=3000, check_tokens=48, deadline=deadline,
+        steps=args.steps, shape=QWEN3_8B, shape_name="Qwen3-8B-shaped", check_layouts=8, check_common=3000,
+        check_tokens=48, deadline=deadline,
     )
 
 
