@@ -11,6 +11,8 @@ write k/v into each session's cache, and attend with one softmax over every bloc
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 from engine.plan import ForwardPlan, GroupPlan
@@ -117,9 +119,25 @@ def _explicit_view(
     return torch.cat(keys, dim=1), torch.cat(values, dim=1), offset[int(group.own[i])]
 
 
+def triton_group_attention(
+    group: GroupPlan, layer: int, q: torch.Tensor, scale: float, inv_freq: torch.Tensor
+) -> torch.Tensor:
+    """engine.triton_attention's kernel, imported on first use: Triton fixes its mode (GPU, or its CPU
+    interpreter under TRITON_INTERPRET=1) when first imported, so importing this module must not import it."""
+    from engine.triton_attention import triton_group_attention as kernel
+
+    return kernel(group, layer, q, scale, inv_freq)
+
+
 BACKENDS = {"torch": fast_group_attention, "reference": reference_group_attention}
+if importlib.util.find_spec("triton") is not None:
+    BACKENDS["triton"] = triton_group_attention
+
+TRITON_HEAD_DIMS = (64, 128)
 
 
-def default_attention(device: torch.device) -> str:
-    """The Triton kernel on CUDA when Triton is installed, else the PyTorch path."""
-    return "triton" if device.type == "cuda" and "triton" in BACKENDS else "torch"
+def default_attention(device: torch.device, head_dim: int) -> str:
+    """The Triton kernel on CUDA when Triton is installed and supports the head size, else the PyTorch path."""
+    if device.type == "cuda" and "triton" in BACKENDS and head_dim in TRITON_HEAD_DIMS:
+        return "triton"
+    return "torch"

@@ -37,7 +37,7 @@ class Engine:
     def __init__(self, model: LoadedModel, config: EngineConfig | None = None) -> None:
         self.model = model
         self.config = config or EngineConfig()
-        self.attention = default_attention(model.device)  # a name in engine.attention.BACKENDS
+        self.attention = default_attention(model.device, model.head_dim)  # a name in engine.attention.BACKENDS
         self._sessions: dict[str, Session] = {}
         self._generators: dict[str, torch.Generator] = {}
         self._reserved: dict[str, int] = {}

@@ -35,10 +35,10 @@ try:
 except ImportError as exc:  # the PyTorch path serves machines without Triton
     raise ImportError("the Triton attention needs the 'triton' package (pip install 'hogwild[gpu]')") from exc
 
+from engine.attention import TRITON_HEAD_DIMS as SUPPORTED_HEAD_DIMS
 from engine.errors import UnsupportedModelError
 from engine.plan import GroupPlan
 
-SUPPORTED_HEAD_DIMS = (64, 128)
 BLOCK_N = 64  # keys per tile
 MERGE_ROWS = 16  # query rows per merge program
 MIN_CHUNK_TILES = 4  # a chunk holds at least this many key tiles before the key range is split further
