@@ -53,6 +53,15 @@ class Session:
         assert not isinstance(message, (Accepted, Rejected)), "a session is accepted or rejected once"
         return message
 
+    def ready_events(self) -> list[Event]:
+        """Every event already delivered and not yet read, without waiting (one engine step's worth, typically)."""
+        events = []
+        while not self._queue.empty():
+            message = self._queue.get_nowait()
+            assert not isinstance(message, (Accepted, Rejected)), "a session is accepted or rejected once"
+            events.append(message)
+        return events
+
     async def next_message(self, timeout: float | None = None) -> SessionMessage | None:
         """The next message, or None when `timeout` seconds pass without one."""
         if not self._queue.empty():

@@ -83,16 +83,20 @@ class ChunkWriter:
 async def stream_session(
     session: Session, writer: ChunkWriter, keepalive_seconds: float, on_end: Callable[[str], None]
 ) -> AsyncIterator[bytes]:
-    """The SSE body of one session. However it ends (done, error, client gone), the session is closed, which
-    cancels the engine's work if any is left, and `on_end` receives the outcome ("ok", "error", "cancelled")."""
+    """The SSE body of one session. Frames of events that arrived together (one engine step) go out in one write.
+    However the stream ends (done, error, client gone), the session is closed, which cancels the engine's work if
+    any is left, and `on_end` receives the outcome ("ok", "error", "cancelled")."""
     try:
         while writer.outcome is None:
             event = await session.next_event(keepalive_seconds)
             if event is None:
                 yield PING_FRAME
                 continue
-            for data in writer.frames(event):
-                yield data
+            frames = writer.frames(event)
+            for ready in session.ready_events():
+                if writer.outcome is None:
+                    frames += writer.frames(ready)
+            yield b"".join(frames)
     finally:
         session.close()
         on_end(writer.outcome or "cancelled")
