@@ -15,12 +15,8 @@ import argparse
 import json
 import os
 import platform
-import socket
-import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,6 +26,7 @@ import httpx
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+from bench.serving import running_server  # noqa: E402
 from engine.config import EngineConfig, SamplingParams, SessionRequest  # noqa: E402
 from engine.events import DoneEvent, ErrorEvent, TokenEvent  # noqa: E402
 
@@ -38,7 +35,6 @@ if TYPE_CHECKING:
 
 PROMPT = "Find all integer solutions of x^2 - y^2 = 2024 and explain each step."
 WARMUP_TOKENS = 4
-SERVER_START_TIMEOUT_S = 600.0
 DIRECT = "engine.generate (in-process)"
 SERVICE = "POST /v1/hogwild/completions (SSE)"
 
@@ -120,43 +116,6 @@ def run_service(url: str, workers: int, max_tokens: int) -> Run:
     return Run(tokens, seconds, first_token or seconds)
 
 
-@contextmanager
-def serving(args: argparse.Namespace) -> Iterator[tuple[str, subprocess.Popen]]:
-    """A `hogwild serve` subprocess with the benchmark's model settings; yields its URL once started."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(REPO_ROOT),
-        "HOGWILD_MODEL": args.model,
-        "HOGWILD_DEVICE": args.device,
-        "HOGWILD_DTYPE": args.dtype,
-        "HOGWILD_LOG_LEVEL": "warning",
-    }
-    command = [sys.executable, "-m", "service", "serve", "--port", str(port)]
-    server = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        yield f"http://127.0.0.1:{port}", server
-    finally:
-        server.terminate()
-        server.wait(60)
-
-
-def wait_ready(url: str, server: subprocess.Popen) -> None:
-    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"the server exited with code {server.returncode}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2.0).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError("the server did not become ready in time")
-
-
 def print_table(args: argparse.Namespace, runs: dict[str, list[Run]]) -> None:
     best = {path: max(path_runs, key=lambda run: run.tokens_per_second) for path, path_runs in runs.items()}
     print(
@@ -180,9 +139,9 @@ def main() -> None:
     from engine.engine import Engine
 
     runs: dict[str, list[Run]] = {DIRECT: [], SERVICE: []}
-    with serving(args) as (url, server):
+    env = {"HOGWILD_MODEL": args.model, "HOGWILD_DEVICE": args.device, "HOGWILD_DTYPE": args.dtype}
+    with running_server(env) as url:
         engine = Engine.load(EngineConfig(model=args.model, device=args.device, dtype=args.dtype))
-        wait_ready(url, server)
         run_direct(engine, args.workers, WARMUP_TOKENS)
         run_service(url, args.workers, WARMUP_TOKENS)
         for _ in range(args.repeats):
