@@ -39,9 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import transformers
 from bench_attention import Heads, attention_table, device_name
+from bench_engine import StepClock
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
-from transformers.generation.streamers import BaseStreamer
 
 from engine import attention
 from engine.attention import ATTENTION_NAME, reference_group_attention
@@ -222,19 +222,6 @@ def session_check(plan: Plan) -> tuple[str, bool]:
 
 
 # ---- 3. aggregate tokens/s ----------------------------------------------------------------------------------
-
-
-class StepClock(BaseStreamer):
-    """Timestamps generate()'s streamer calls: the prompt first, then one per generated token (after a sync)."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-
-    def put(self, value: torch.Tensor) -> None:
-        self.times.append(time.perf_counter())
-
-    def end(self) -> None:
-        pass
 
 
 def synchronize(device: torch.device) -> None:
