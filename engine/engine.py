@@ -30,7 +30,8 @@ from engine.session import FINISHER_MAX_TOKENS, Session
 log = logging.getLogger(__name__)
 
 GREEDY = SamplingParams(temperature=0.0)
-ASSUMED_MIN_STEP_TOKENS = 32  # the context check allows one step header per this many sampled tokens
+ASSUMED_MIN_STEP_TOKENS = 32
+PREFILLS_PER_STEP = 1  # sessions whose prompt chunk joins one forward  # the context check allows one step header per this many sampled tokens
 
 
 class Engine:
@@ -146,7 +147,7 @@ class Engine:
 
     def step(self) -> list[tuple[str, Event]]:
         """One batched forward over every running session; returns (session id, event) in generation order."""
-        batch = [(session, session.runs()) for session in list(self._sessions.values())]
+        batch = [(session, session.runs()) for session in self._scheduled()]
         active = [(session, runs) for session, runs in batch if runs]
         if active:
             try:
@@ -159,6 +160,12 @@ class Engine:
             if session.done:
                 self.cancel(session.id)
         return events
+
+    def _scheduled(self) -> list[Session]:
+        """Every decoding session, plus prompt prefill for at most PREFILLS_PER_STEP sessions (oldest first),
+        so a burst of new requests does not stall the sessions already decoding."""
+        prefilling = [s for s in self._sessions.values() if s.is_prefilling][:PREFILLS_PER_STEP]
+        return [s for s in self._sessions.values() if not s.is_prefilling or s in prefilling]
 
     def _advance(self, active: list[tuple[Session, list]]) -> None:
         m = self.model

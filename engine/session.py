@@ -106,7 +106,7 @@ class Session:
 
     def runs(self) -> list[Run]:
         """The tokens of this session's next forward. Moves finished steps into the history first."""
-        if self._prefilled < self._prompt_len:
+        if self.is_prefilling:
             return self._prefill_runs()
         for worker in self.workers:
             if worker.step_done:
@@ -122,7 +122,7 @@ class Session:
         start = self._prefilled
         self._prefilled = min(start + PREFILL_CHUNK, self._prompt_len)
         runs = [Run(COMMON, start, tuple(self.common.ids[start : self._prefilled]), ())]
-        if self._prefilled < self._prompt_len:
+        if self.is_prefilling:
             return runs
         others, own = self.labels
         lc = len(self.common)
@@ -273,6 +273,11 @@ class Session:
         """Tokens the longest worker view will hold after the next forward."""
         fixed = len(self.common) + sum(map(len, self.labels)) + sum(len(w.block) for w in self.workers)
         return fixed + max(len(w.pending) for w in self.workers)
+
+    @property
+    def is_prefilling(self) -> bool:
+        """True until the forward that feeds the last prompt chunk, the labels and the first steps."""
+        return self._prefilled < self._prompt_len
 
     @property
     def is_finishing(self) -> bool:

@@ -246,3 +246,15 @@ def test_a_long_prompt_prefilled_in_chunks_gives_the_same_session(tiny_engine: E
     monkeypatch.setattr(engine.session, "PREFILL_CHUNK", 64)
     chunked = tokens_by_worker(list(tiny_engine.generate(request)))
     assert chunked == whole
+
+
+def test_one_new_session_is_prefilled_per_step_while_others_decode(tiny_engine: Engine) -> None:
+    request = SessionRequest(prompt=TASK, num_workers=2, max_tokens=8, sampling=GREEDY, final_answer=False)
+    for name in ("first", "second", "third"):
+        tiny_engine.add_session(name, request)
+    started = [{sid for sid, e in tiny_engine.step() if isinstance(e, TokenEvent)} for _ in range(3)]
+    while tiny_engine.num_running:
+        tiny_engine.step()
+    assert started[0] == {"first"}
+    assert started[1] == {"first", "second"}  # "first" keeps decoding while "second" is prefilled
+    assert started[2] == {"first", "second", "third"}
