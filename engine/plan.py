@@ -51,10 +51,9 @@ class GroupPlan:
     small_rows: torch.Tensor  # (ns,)
     small_block: torch.Tensor  # (ns,) small-block index (block - 1)
     small_pos: torch.Tensor  # (ns,)
-    delta: torch.Tensor  # (n, 1 + Bs) long query rotation per block (0 where hidden)
-    vis: torch.Tensor  # (n, 1 + Bs) long
-    offset: torch.Tensor  # (n, 1 + Bs) long view offsets
-    own: torch.Tensor  # (n,) long: the block each token is written to
+    vis: torch.Tensor  # (n, 1 + Bs) long, on the device
+    offset: torch.Tensor  # (n, 1 + Bs) long view offsets, on the host: only the reference attention reads them
+    own: torch.Tensor  # (n,) long: the block each token is written to, on the host likewise
 
 
 @dataclass
@@ -117,10 +116,9 @@ def build_group(
         small_rows=as_device((~is_common).nonzero().flatten()),
         small_block=as_device(blocks[~is_common] - 1),
         small_pos=as_device(positions[~is_common]),
-        delta=as_device(delta),
         vis=as_device(vis),
-        offset=as_device(offset),
-        own=as_device(blocks),
+        offset=offset,
+        own=blocks,
     )
 
 
