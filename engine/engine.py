@@ -73,6 +73,10 @@ class Engine:
 
     def check(self, request: SessionRequest) -> int:
         """Every check possible before work starts; returns the prompt's token count."""
+        return len(self._checked(request)[0])
+
+    def _checked(self, request: SessionRequest) -> tuple[list[int], int]:
+        """Validates the request; returns its prompt ids and the longest view it could reach."""
         request.validate(self.config.max_workers, self.config.max_tokens)
         prompt_ids = self._prompt_ids(request)
         longest = self.longest_view_bound(request, len(prompt_ids))
@@ -90,17 +94,15 @@ class Engine:
                 f"of {budget}; lower max_tokens or workers",
                 "max_tokens",
             )
-        return len(prompt_ids)
+        return prompt_ids, longest
 
     def add_session(self, session_id: str, request: SessionRequest) -> None:
         """Checks and admits a session; it is prefilled on the next step."""
         if session_id in self._sessions:
             raise InvalidRequestError(f"session '{session_id}' already exists")
-        self.check(request)
+        prompt_ids, reserve = self._checked(request)
         if len(self._sessions) >= self.config.max_sessions:
             raise CapacityError(f"{self.config.max_sessions} sessions are already running")
-        prompt_ids = self._prompt_ids(request)
-        reserve = self.longest_view_bound(request, len(prompt_ids))
         budget = self.config.cache_budget_tokens
         if budget and self.reserved_tokens + reserve > budget:
             raise CapacityError(f"the KV cache budget of {budget} tokens is taken by running sessions")
