@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 
 import torch
+import torch.nn.functional as F
 
 from engine.plan import ForwardPlan, GroupPlan
 from engine.rope import cos_sin, rotate
@@ -61,6 +62,8 @@ def fast_group_attention(
     group: GroupPlan, layer: int, q: torch.Tensor, scale: float, inv_freq: torch.Tensor
 ) -> torch.Tensor:
     """q (Hq, n, D) -> attention output (Hq, n, D) over the session's cache."""
+    if group.is_prompt:
+        return prompt_attention(group, layer, q, scale)
     cache = group.cache
     num_q_heads, n, dim = q.shape
     num_kv = cache.common_k.shape[1]
@@ -81,6 +84,20 @@ def fast_group_attention(
         small_p = probs[..., lc:].reshape(num_kv, rows, num_small, ls).permute(2, 0, 1, 3)  # (Bs, Hkv, G*n, S)
         out = out + (small_p @ cache.small_v[layer][:, :, :ls]).sum(dim=0)
     return out.view(num_q_heads, n, dim)
+
+
+def prompt_attention(group: GroupPlan, layer: int, q: torch.Tensor, scale: float) -> torch.Tensor:
+    """A prompt-prefill group (GroupPlan.is_prompt): q (Hq, n, D) attends causally to the common block.
+
+    The keys sit at the positions the queries were rotated to, so no query is rotated again and the fused
+    kernel of scaled_dot_product_attention does the whole job, reading each KV head once for its query heads.
+    """
+    cache = group.cache
+    lc = group.common_len
+    visible = torch.arange(lc, device=q.device)[None] < group.vis[:, :1]  # (n, Lc)
+    k, v = cache.common_k[layer][None, :, :lc], cache.common_v[layer][None, :, :lc]  # (1, Hkv, Lc, D)
+    out = F.scaled_dot_product_attention(q[None], k, v, attn_mask=visible, scale=scale, enable_gqa=True)
+    return out[0]
 
 
 def reference_group_attention(
@@ -126,6 +143,8 @@ def triton_group_attention(
     interpreter under TRITON_INTERPRET=1) when first imported, so importing this module must not import it."""
     from engine.triton_attention import triton_group_attention as kernel
 
+    if group.is_prompt:  # the kernel is built for decode; prefill chunks go to the fused causal kernel
+        return prompt_attention(group, layer, q, scale)
     return kernel(group, layer, q, scale, inv_freq)
 
 

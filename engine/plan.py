@@ -10,6 +10,7 @@ by every layer.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -45,7 +46,6 @@ class GroupPlan:
     small_len: int  # keys of any small block any token sees
     cos: torch.Tensor  # (1 + Bs, 1, 1, n, D)
     sin: torch.Tensor  # (1 + Bs, 1, 1, n, D)
-    mask: torch.Tensor  # (n, common_len + Bs * small_len) float32: 0 visible, -inf hidden
     common_rows: torch.Tensor  # (nc,) token index within the group, written to block 0
     common_pos: torch.Tensor  # (nc,)
     small_rows: torch.Tensor  # (ns,)
@@ -54,6 +54,22 @@ class GroupPlan:
     vis: torch.Tensor  # (n, 1 + Bs) long, on the device
     offset: torch.Tensor  # (n, 1 + Bs) long view offsets, on the host: only the reference attention reads them
     own: torch.Tensor  # (n,) long: the block each token is written to, on the host likewise
+
+    @property
+    def is_prompt(self) -> bool:
+        """Every token is written to the common block and sees only it (prompt prefill): no block needs a
+        rotation (delta 0), so this is ordinary causal attention over the common block."""
+        return self.small_len == 0
+
+    @cached_property
+    def mask(self) -> torch.Tensor:
+        """(n, common_len + Bs * small_len) float32 additive mask, 0 visible and -inf hidden; built on the
+        device on first use (only the PyTorch path reads it)."""
+        vis = self.vis
+        common = torch.arange(self.common_len, device=vis.device)[None] < vis[:, :1]  # (n, Lc)
+        small = torch.arange(self.small_len, device=vis.device)[None, None] < vis[:, 1:, None]  # (n, Bs, S)
+        visible = torch.cat([common, small.flatten(1)], dim=1)
+        return torch.zeros(visible.shape, device=vis.device).masked_fill_(~visible, float("-inf"))
 
 
 @dataclass
@@ -100,7 +116,6 @@ def build_group(
     common_len = int(vis[:, 0].max())
     small_len = int(vis[:, 1:].max()) if vis.shape[1] > 1 else 0
     cos, sin = cos_sin(delta.T.to(device), inv_freq, dtype)  # (B, n, D)
-    mask = _mask(vis, common_len, small_len).to(device)
     is_common = blocks == 0
     as_device = lambda t: t.to(device)  # noqa: E731
     return GroupPlan(
@@ -110,7 +125,6 @@ def build_group(
         small_len=small_len,
         cos=cos[:, None, None],
         sin=sin[:, None, None],
-        mask=mask,
         common_rows=as_device(is_common.nonzero().flatten()),
         common_pos=as_device(positions[is_common]),
         small_rows=as_device((~is_common).nonzero().flatten()),
@@ -122,33 +136,34 @@ def build_group(
     )
 
 
-def _mask(vis: torch.Tensor, common_len: int, small_len: int) -> torch.Tensor:
-    """(n, common_len + Bs * small_len) additive mask from visible lengths."""
-    common = torch.arange(common_len)[None] < vis[:, :1]  # (n, Lc)
-    small = torch.arange(small_len)[None, None] < vis[:, 1:, None]  # (n, Bs, S)
-    visible = torch.cat([common, small.flatten(1)], dim=1)
-    return torch.zeros(visible.shape).masked_fill_(~visible, float("-inf"))
-
-
 def build_forward(
     session_runs: list[tuple[SessionCache, list[Run]]],
     inv_freq: torch.Tensor,
     dtype: torch.dtype,
     attention: str = "torch",
 ) -> ForwardPlan:
-    """Packs every session's runs into one row. logit_rows follow the order of runs with want_logits."""
+    """Packs every session's runs into one row. logit_rows follow the order of runs with want_logits.
+
+    Groups are attended in order, so a prompt group writes the common block before the group after it reads it.
+    """
     token_ids: list[int] = []
     positions: list[int] = []
     logit_rows: list[int] = []
     groups: list[GroupPlan] = []
     for cache, runs in session_runs:
-        first = len(token_ids)
-        for run in runs:
-            token_ids.extend(run.token_ids)
-            positions.extend(range(run.start, run.start + len(run.token_ids)))
-            if run.want_logits:
-                logit_rows.append(len(token_ids) - 1)
-        groups.append(build_group(runs, cache, slice(first, len(token_ids)), inv_freq, dtype))
+        # Leading prompt runs (common block, nothing else in view) form a group of their own, so a prompt chunk
+        # takes the causal path (GroupPlan.is_prompt) even when labels and first steps share its forward.
+        split = next((i for i, run in enumerate(runs) if run.block != 0 or run.view), len(runs))
+        for part in (runs[:split], runs[split:]):
+            if not part:
+                continue
+            first = len(token_ids)
+            for run in part:
+                token_ids.extend(run.token_ids)
+                positions.extend(range(run.start, run.start + len(run.token_ids)))
+                if run.want_logits:
+                    logit_rows.append(len(token_ids) - 1)
+            groups.append(build_group(part, cache, slice(first, len(token_ids)), inv_freq, dtype))
     device = groups[0].cache.common_k.device
     return ForwardPlan(
         input_ids=torch.tensor([token_ids], device=device),

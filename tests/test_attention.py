@@ -68,3 +68,36 @@ def test_hidden_blocks_do_not_change_the_output() -> None:
     cache.small_k[0, 1] = torch.randn(cache.small_k[0, 1].shape)  # block 2 is not in the view
     after = fast_group_attention(build_forward([(cache, [run])], inv_freq, torch.float32).groups[0], 0, q, 0.25, inv_freq)
     torch.testing.assert_close(before, after)
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 2e-5), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("num_q_heads,num_kv_heads", [(4, 4), (6, 2)])
+@pytest.mark.parametrize("start", [0, 17])
+def test_prompt_chunk_takes_the_causal_path_and_matches_reference(
+    dtype: torch.dtype, tolerance: float, num_q_heads: int, num_kv_heads: int, start: int
+) -> None:
+    """A prompt chunk (common block only) that shares its forward with labels and a worker's first step is
+    planned as its own group, attended by the fused causal kernel, and agrees with the reference; so does the
+    group after it, which reads the common keys the prompt group has just written."""
+    torch.manual_seed(start)
+    cache = SessionCache(1, num_kv_heads, HEAD_DIM, 3, dtype, torch.device("cpu"), 64, 32)
+    for tensor in (cache.common_k, cache.common_v, cache.small_k, cache.small_v):
+        tensor.copy_(torch.randn(tensor.shape))
+    cache.lengths = [start, 0, 0, 0]
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, HEAD_DIM, 2).float() / HEAD_DIM))
+    end = start + 9
+    runs = [
+        Run(0, start, tuple(range(9)), ()),
+        Run(1, 0, (1, 2), ((0, end),)),
+        Run(3, 0, (3, 4, 5), ((0, end), (1, 2)), want_logits=True),
+    ]
+    plan = build_forward([(cache, runs)], inv_freq, dtype)
+
+    prompt, rest = plan.groups
+    assert prompt.is_prompt and not rest.is_prompt
+    assert (prompt.rows, rest.rows) == (slice(0, 9), slice(9, 14))
+    for group in plan.groups:
+        q = torch.randn(num_q_heads, group.rows.stop - group.rows.start, HEAD_DIM).to(dtype)
+        fast = fast_group_attention(group, 0, q, HEAD_DIM**-0.5, inv_freq)
+        reference = reference_group_attention(group, 0, q, HEAD_DIM**-0.5, inv_freq)
+        torch.testing.assert_close(fast.float(), reference.float(), atol=tolerance, rtol=tolerance)
