@@ -86,17 +86,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), help="unset: the server's default")
     parser.add_argument("--sessions", type=int, default=16, help="requests per run (at most 64)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=32)
     args = parser.parse_args()
-    env = {"HOGWILD_MODEL": args.model, "HOGWILD_DEVICE": args.device, "HOGWILD_DTYPE": args.dtype,
+    env = {"HOGWILD_MODEL": args.model, "HOGWILD_DEVICE": args.device, "HOGWILD_DTYPE": args.dtype or "",
            "HOGWILD_MAX_SESSIONS": str(args.sessions), "HOGWILD_MAX_QUEUED": str(args.sessions)}
     with running_server(env) as url:
         results = [asyncio.run(run_load(url, args, concurrent=False)), asyncio.run(run_load(url, args, concurrent=True))]
     print(f"\n{args.sessions} sessions x {args.workers} workers x {args.max_tokens} tokens, model {args.model} "
-          f"({args.dtype}, {args.device}); {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs\n")
+          f"({args.dtype or 'default dtype'}, {args.device}); {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs\n")
     print("| mode | seconds | tokens | aggregate tok/s | TTFT p50 (s) | TTFT p99 (s) | errors |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in results:

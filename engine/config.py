@@ -96,7 +96,7 @@ class EngineConfig:
     """What the engine loads and how much it may hold at once.
 
     model: "default" (the embedded SmolLM2-135M-Instruct), a local Hugging Face folder, or a hub id.
-    device/dtype: None picks cuda + bfloat16 when a GPU is present, else cpu + bfloat16.
+    device/dtype: None picks cuda + bfloat16 when a GPU is present, else cpu + float32.
     max_sessions: sessions decoded together in one batched forward (continuous batching).
     cache_budget_tokens: KV tokens all running sessions may reserve together; 0 means no budget.
     """

