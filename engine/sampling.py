@@ -6,6 +6,8 @@ import torch
 
 from engine.config import SamplingParams
 
+NUCLEUS_CANDIDATES = 1024  # tokens ranked first when looking for the top_p nucleus
+
 
 def make_generator(seed: int | None) -> torch.Generator:
     generator = torch.Generator(device="cpu")
@@ -25,13 +27,21 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     if params.temperature == 0:
         return logits.argmax(dim=-1).tolist()
     logits = logits / params.temperature
-    if params.top_k:
-        kth = logits.topk(min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (K, 1)
+    vocab = logits.shape[-1]
+    if params.top_k and params.top_k < vocab:
+        kth = logits.topk(params.top_k, dim=-1).values[:, -1:]  # (K, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop = cumulative - sorted_logits.softmax(dim=-1) >= params.top_p  # keeps the token that crosses top_p
-        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).flatten().tolist()
+    if params.top_p >= 1.0:
+        return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).flatten().tolist()
+    # The nucleus nearly always lies within the likeliest few hundred tokens: rank those alone, and the whole
+    # vocabulary only when some row's candidates do not reach top_p (a sort of the vocabulary costs milliseconds).
+    total = logits.logsumexp(dim=-1, keepdim=True)  # (K, 1)
+    for width in (min(NUCLEUS_CANDIDATES, vocab), vocab):
+        top, order = logits.topk(width, dim=-1)  # (K, width), likeliest first
+        probs = (top - total).exp()
+        if width == vocab or bool((probs.sum(dim=-1) >= params.top_p).all()):
+            break
+    before = probs.cumsum(dim=-1) - probs  # mass of the likelier tokens
+    probs = probs.masked_fill(before >= params.top_p, 0.0)  # keeps the token that crosses top_p
+    choice = torch.multinomial(probs, 1, generator=generator)  # (K, 1) index into `order`
+    return order.gather(1, choice).flatten().tolist()

@@ -1,0 +1,55 @@
+"""Next-token sampling: greedy, top_k, top_p (with and without the candidate shortcut), seeds."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+
+from engine.config import SamplingParams
+from engine.sampling import NUCLEUS_CANDIDATES, make_generator, sample
+
+
+def draws(logits: torch.Tensor, params: SamplingParams, count: int, seed: int = 0) -> Counter[int]:
+    generator = make_generator(seed)
+    return Counter(token for _ in range(count) for token in sample(logits, params, generator))
+
+
+def test_temperature_zero_and_top_k_one_are_greedy() -> None:
+    logits = torch.randn(3, 100)
+    expected = logits.argmax(dim=-1).tolist()
+    assert sample(logits, SamplingParams(temperature=0.0), make_generator(0)) == expected
+    assert sample(logits, SamplingParams(temperature=1.0, top_k=1), make_generator(0)) == expected
+
+
+def test_top_p_keeps_the_token_that_crosses_it_and_nothing_after() -> None:
+    probs = torch.tensor([[0.05, 0.5, 0.15, 0.3]])  # ranked: 1 (0.5), 3 (0.3), 2 (0.15), 0 (0.05)
+    counts = draws(probs.log(), SamplingParams(temperature=1.0, top_p=0.7), 2000)
+    assert set(counts) == {1, 3}  # 0.5 < 0.7, so token 3 crosses it and stays; token 2 starts at 0.8
+    assert 0.56 < counts[1] / 2000 < 0.69  # renormalised: 0.5 / 0.8 = 0.625
+
+
+def test_top_k_filters_before_top_p() -> None:
+    probs = torch.tensor([[0.4, 0.3, 0.2, 0.1]])
+    counts = draws(probs.log(), SamplingParams(temperature=1.0, top_k=2, top_p=0.99), 500)
+    assert set(counts) == {0, 1}
+
+
+def test_a_nucleus_wider_than_the_candidates_is_found_in_the_whole_vocabulary() -> None:
+    vocab = 8 * NUCLEUS_CANDIDATES
+    logits = -torch.arange(vocab, dtype=torch.float32)[None] * 1e-5  # nearly flat, ranked by id
+    probs = logits.softmax(dim=-1)[0]
+    nucleus = int((probs.cumsum(dim=0) - probs < 0.9).sum())  # about 0.9 * vocab tokens
+    counts = draws(logits, SamplingParams(temperature=1.0, top_p=0.9), 400)
+    assert max(counts) < nucleus
+    assert max(counts) >= NUCLEUS_CANDIDATES  # reached beyond the candidates
+    assert nucleus > 0.85 * vocab
+
+
+def test_rows_are_sampled_independently_and_seeds_repeat() -> None:
+    logits = torch.full((2, 50), -30.0)
+    logits[0, 7] = logits[1, 42] = 0.0  # each row is nearly certain of a different token
+    params = SamplingParams(temperature=1.0, top_p=0.9)
+    assert sample(logits, params, make_generator(3)) == [7, 42]
+    wide = torch.randn(4, 3000)
+    assert sample(wide, params, make_generator(5)) == sample(wide, params, make_generator(5))
