@@ -270,6 +270,8 @@ class EngineBridge:
                 continue  # cancelled; its last events were already in flight
             if isinstance(event, TokenEvent):
                 sampled[request_id] = session
+            if isinstance(event, DoneEvent):
+                self.metrics.generated_tokens += session.silent_tokens(event.usage)
             if isinstance(event, (DoneEvent, ErrorEvent)):
                 del self._sessions[request_id]
             session.deliver(event)

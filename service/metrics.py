@@ -80,7 +80,8 @@ class Metrics:
             _block(
                 "hogwild_generated_tokens_total",
                 "counter",
-                "Tokens sampled by all workers of all sessions.",
+                "Tokens sampled by all workers of all sessions, counted as they stream (an end-of-sequence "
+                "token when its session ends).",
                 [f"{self.generated_tokens}"],
             ),
             _block(

@@ -42,6 +42,11 @@ class Session:
                 self._sampled[message.worker] += len(message.token_ids)
         self._queue.put_nowait(message)
 
+    def silent_tokens(self, usage: Usage) -> int:
+        """Tokens usage counts that no TokenEvent carried: an end-of-sequence token, the bytes of a character
+        left unfinished when the session ended."""
+        return max(0, usage.completion_tokens - sum(self._sampled))
+
     def aborted(self) -> DoneEvent:
         """The session's end when the service stops it: every worker finishes with "abort", usage so far."""
         usage = Usage(self._prompt_tokens, tuple(self._sampled), tuple(self._steps))
