@@ -19,7 +19,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from engine.config import EngineConfig, SamplingParams, SessionRequest
 from engine.engine import Engine
-from engine.events import TokenEvent
+from engine.events import ErrorEvent, Event, TokenEvent
 
 FILLER = (
     "The committee reviewed the quarterly figures, compared them with the forecasts from the spring, and noted "
@@ -50,6 +50,15 @@ class StepClock(BaseStreamer):
         pass
 
 
+def checked_step(engine: Engine) -> list[Event]:
+    """One engine step; a session that failed in it (out of memory, say) raises instead of vanishing."""
+    events = [event for _, event in engine.step()]
+    for event in events:
+        if isinstance(event, ErrorEvent):
+            raise RuntimeError(f"the benchmark session failed: {event.message}")
+    return events
+
+
 def task_of_length(engine: Engine, tokens: int) -> str:
     """A prompt whose chat-formatted common block is about `tokens` long."""
     text, probe = "", SessionRequest(prompt="x", num_workers=1, max_tokens=1)
@@ -66,11 +75,11 @@ def hogwild_decode(engine: Engine, task: str, workers: int, new_tokens: int) -> 
         sampling=SamplingParams(temperature=1.0, seed=0),
     )
     engine.add_session("bench", request)
-    while not any(isinstance(e, TokenEvent) for _, e in engine.step()):
+    while not any(isinstance(e, TokenEvent) for e in checked_step(engine)):
         pass  # prefill chunks, then the first sampled token
     start, steps = time.perf_counter(), 0
     while engine.num_running:
-        engine.step()
+        checked_step(engine)
         steps += 1
     return (time.perf_counter() - start) / steps
 

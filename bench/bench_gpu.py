@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import transformers
 from bench_attention import Heads, attention_table, device_name
-from bench_engine import StepClock
+from bench_engine import StepClock, checked_step
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
@@ -243,11 +243,11 @@ def hogwild_tokens_per_s(engine: Engine, context: int, workers: int, steps: int)
     engine.add_session("bench", request)
     try:
         for _ in range(prefill_forwards + WARMUP_STEPS):  # the last prefill forward samples the first tokens
-            engine.step()
+            checked_step(engine)
         synchronize(m.device)
         start = time.perf_counter()
         for _ in range(steps):
-            engine.step()  # sampling reads the logits on the host, so each step ends synchronised
+            checked_step(engine)  # sampling reads the logits on the host, so each step ends synchronised
         return workers * steps / (time.perf_counter() - start)
     finally:
         engine.cancel("bench")
