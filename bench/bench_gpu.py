@@ -6,7 +6,7 @@ soon as it is done, so a run cut short keeps what finished):
    runs), and a 4-worker greedy session of a tiny random Llama that must give the same tokens with the "triton"
    and "torch" backends.
 2. Attention per layer for 1, 2, 4, 8 workers vs SDPA over one sequence (bench_attention.py).
-3. Aggregate decode tokens/s for 1, 2, 4, 8 workers at 1k, 4k, 16k context: the engine with a Qwen3-8B-shaped
+3. Aggregate decode tokens/s for 1, 2, 4, 8 workers at 1k, 16k, 4k context (target rows first): the engine with a Qwen3-8B-shaped
    model vs HF generate of the same model with N sequences (num_return_sequences). Prefill is excluded.
 Nothing is downloaded: models are built from configs with random weights (speed does not depend on weight
 values) and a word-level tokenizer is built in memory ("w17" is token 17), so prompts are random token ids.
@@ -338,7 +338,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run with --smoke to check the script on CPU")
     return Plan(
-        device=torch.device("cuda"), layers=args.layers, contexts=[1024, 4096, 16384], workers=[1, 2, 4, 8],
+        device=torch.device("cuda"), layers=args.layers, contexts=[1024, 16384, 4096], workers=[1, 2, 4, 8],
         steps=args.steps, shape=QWEN3_8B, shape_name="Qwen3-8B-shaped", check_layouts=8, check_common=3000,
         check_tokens=48, deadline=deadline,
     )
