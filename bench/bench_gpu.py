@@ -162,6 +162,8 @@ def random_layout_group(
     dim = heads.head_dim
     cache = SessionCache(1, heads.num_kv_heads, dim, num_small, dtype, plan.device, 64, 64)
     cache.lengths = lengths
+    for block, length in enumerate(lengths):
+        cache.reserve(block, length)  # views reach up to these lengths, also in blocks no run writes
     inv_freq = 1.0 / (1e6 ** (torch.arange(0, dim, 2, device=plan.device, dtype=torch.float32) / dim))
     group = build_forward([(cache, runs)], inv_freq, dtype).groups[0]
     for tensor in (cache.common_k, cache.common_v, cache.small_k, cache.small_v):

@@ -115,6 +115,8 @@ def build_group(
         cache.lengths[run.block] = max(cache.lengths[run.block], end)
     common_len = int(vis[:, 0].max())
     small_len = int(vis[:, 1:].max()) if vis.shape[1] > 1 else 0
+    if common_len > cache.common_k.shape[2] or small_len > cache.small_k.shape[3]:  # kernels read what views say
+        raise ValueError(f"a view ({common_len} common, {small_len} small keys) reaches past the session's cache")
     cos, sin = cos_sin(delta.T.to(device), inv_freq, dtype)  # (B, n, D)
     is_common = blocks == 0
     as_device = lambda t: t.to(device)  # noqa: E731

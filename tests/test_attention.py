@@ -101,3 +101,11 @@ def test_prompt_chunk_takes_the_causal_path_and_matches_reference(
         fast = fast_group_attention(group, 0, q, HEAD_DIM**-0.5, inv_freq)
         reference = reference_group_attention(group, 0, q, HEAD_DIM**-0.5, inv_freq)
         torch.testing.assert_close(fast.float(), reference.float(), atol=tolerance, rtol=tolerance)
+
+
+def test_a_view_past_the_cache_is_refused_before_any_kernel_reads_it() -> None:
+    cache = SessionCache(1, 2, HEAD_DIM, 2, torch.float32, torch.device("cpu"), 64, 32)
+    cache.lengths = [cache.common_k.shape[2] + 1, 0, 0]  # claims more common keys than the cache holds
+    inv_freq = torch.ones(HEAD_DIM // 2)
+    with pytest.raises(ValueError, match="reaches past"):
+        build_forward([(cache, [Run(1, 0, (1,), ((0, cache.lengths[0]),))])], inv_freq, torch.float32)
