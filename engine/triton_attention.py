@@ -39,8 +39,11 @@ from engine.attention import TRITON_HEAD_DIMS as SUPPORTED_HEAD_DIMS
 from engine.errors import UnsupportedModelError
 from engine.plan import GroupPlan
 
+# Launch parameters, read at every call (bench/tune_triton.py sweeps them on a GPU).
 BLOCK_N = 64  # keys per tile
+CHUNK_WARPS = 4  # warps per chunk program
 MERGE_ROWS = 16  # query rows per merge program
+MERGE_DIMS = 32  # head-dim columns per merge program: a decode step has few rows, so columns spread the merge
 MIN_CHUNK_TILES = 4  # a chunk holds at least this many key tiles before the key range is split further
 PROGRAMS_PER_SM = 4  # chunk programs aimed at per multiprocessor when splitting keys
 INTERPRETER_PROGRAMS = 16  # the same aim on the CPU interpreter (no multiprocessors to count)
@@ -130,13 +133,13 @@ def _merge_kernel(
     stride_lc, stride_lh,  # partial lse (C, Hkv, R) float32, log base 2
     stride_oh, stride_or,  # out (Hkv, R, D) in the model dtype
     num_rows, num_chunks,
-    DIM: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """Grid (row tiles, Hkv): out = sum_c 2^(lse_c - M) out_c / sum_c 2^(lse_c - M), M = max_c lse_c.
+    """Grid (row tiles, Hkv, D / BLOCK_D): out = sum_c 2^(lse_c - M) out_c / sum_c 2^(lse_c - M), M = max_c lse_c.
 
     Every row sees at least its own token, so some chunk has a finite lse and M is finite.
     """
-    tile, h = tl.program_id(0), tl.program_id(1)
+    tile, h, cols = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = tile * BLOCK_R + tl.arange(0, BLOCK_R)  # (BR,)
     is_row = rows < num_rows
     lse_rows = lse_ptr + h * stride_lh + rows
@@ -144,10 +147,10 @@ def _merge_kernel(
     for chunk in range(num_chunks):
         top = tl.maximum(top, tl.load(lse_rows + chunk * stride_lc, mask=is_row, other=float("-inf")))
     top = tl.where(is_row, top, 0.0)
-    d = tl.arange(0, DIM)
+    d = cols * BLOCK_D + tl.arange(0, BLOCK_D)
     part_rows = part_ptr + h * stride_ph + rows[:, None] * stride_pr + d[None, :]  # (BR, D)
     denominator = tl.zeros([BLOCK_R], tl.float32)
-    acc = tl.zeros([BLOCK_R, DIM], tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
     for chunk in range(num_chunks):
         weight = tl.exp2(tl.load(lse_rows + chunk * stride_lc, mask=is_row, other=float("-inf")) - top)  # (BR,)
         denominator += weight
@@ -180,11 +183,15 @@ def _chunk_keys(length: int, programs_per_chunk: int, target_programs: int) -> i
     return triton.cdiv(tiles, num_chunks) * BLOCK_N
 
 
-@functools.cache
 def _target_programs(device: torch.device) -> int:
     if device.type != "cuda":
         return INTERPRETER_PROGRAMS
-    return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    return PROGRAMS_PER_SM * _multiprocessors(device)
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def triton_group_attention(
@@ -234,17 +241,18 @@ def triton_group_attention(
             keys.num_chunks // keys.k.shape[0], first_chunk, scale * LOG2_E,
             HALF=dim // 2, BLOCK_M=block_m, BLOCK_N=BLOCK_N,
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-            num_stages=STAGES.get(q.dtype, DEFAULT_STAGES),
+            num_stages=STAGES.get(q.dtype, DEFAULT_STAGES), num_warps=CHUNK_WARPS,
         )
         first_chunk += keys.num_chunks
     out = torch.empty((num_kv, rows, dim), dtype=q.dtype, device=q.device)
-    _merge_kernel[(triton.cdiv(rows, MERGE_ROWS), num_kv)](
+    merge_dims = min(MERGE_DIMS, dim)
+    _merge_kernel[(triton.cdiv(rows, MERGE_ROWS), num_kv, dim // merge_dims)](
         partial, lse, out,
         partial.stride(0), partial.stride(1), partial.stride(2),
         lse.stride(0), lse.stride(1),
         out.stride(0), out.stride(1),
         rows, num_chunks,
-        DIM=dim, BLOCK_R=MERGE_ROWS,
+        BLOCK_D=merge_dims, BLOCK_R=MERGE_ROWS,
     )
     return out.view(num_q_heads, n, dim)
 

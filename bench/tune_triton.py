@@ -1,0 +1,112 @@
+"""Sweeps the Triton attention's launch parameters on a GPU and prints what each costs.
+
+Coordinate descent from the current defaults: one parameter at a time takes each of its candidate values (the
+others held), the best value stays, and the next parameter is swept. "Best" is the geometric mean over a few
+decode layouts (bench_attention.decode_group, Qwen3-8B heads) of the kernel's GPU time divided by SDPA's over
+one sequence of the same length, both timed in CUDA graphs. Prints one markdown row per configuration tried
+and the winner; --then-bench runs bench/bench_gpu.py in the same process with the winner applied.
+
+    python bench/tune_triton.py                                   # GPU only, about a minute
+    python bench/tune_triton.py --then-bench --budget-s 200       # then the GPU tables with the winner
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_attention import Heads, decode_group, device_name, graph_micros, view_tokens  # noqa: E402
+
+CASES = [(16384, 4), (16384, 1), (1024, 4), (4096, 8)]  # (context, workers)
+CANDIDATES = {  # module constant of engine.triton_attention -> values tried
+    "PROGRAMS_PER_SM": [1, 2, 4, 8],
+    "MIN_CHUNK_TILES": [2, 4, 8, 16],
+    "BLOCK_N": [32, 64, 128],
+    "CHUNK_WARPS": [2, 4, 8],
+    "DEFAULT_STAGES": [2, 3, 4],
+    "MERGE_DIMS": [16, 32, 128],
+}
+QWEN3_8B_HEADS = Heads(32, 8, 128)
+
+
+def sdpa_micros(context: int, workers: int, heads: Heads, device: torch.device) -> float:
+    length = view_tokens(context, workers)
+    q = torch.randn(1, heads.num_q_heads, 1, heads.head_dim, device=device, dtype=torch.bfloat16)
+    k = torch.randn(1, heads.num_kv_heads, length, heads.head_dim, device=device, dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    return graph_micros(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+
+
+def kernel_micros(context: int, workers: int, heads: Heads, device: torch.device) -> float:
+    from engine.triton_attention import triton_group_attention
+
+    group, q, inv_freq = decode_group(context, workers, heads, torch.bfloat16, device)
+    scale = heads.head_dim**-0.5
+    return graph_micros(lambda: triton_group_attention(group, 0, q, scale, inv_freq))
+
+
+def tune(device: torch.device) -> dict[str, int]:
+    import engine.triton_attention as kernel
+
+    baseline = {case: sdpa_micros(*case, QWEN3_8B_HEADS, device) for case in CASES}
+    best = {name: getattr(kernel, name) for name in CANDIDATES}
+    tried: dict[tuple[int, ...], float] = {}
+    names = list(CANDIDATES)
+    case_names = " | ".join(f"{c // 1024}k x {w} (us)" for c, w in CASES)
+    print(f"Triton attention launch parameters, {device_name(device)}, bfloat16, {QWEN3_8B_HEADS}; GPU time per "
+          f"layer in CUDA graphs. SDPA: " + ", ".join(f"{c // 1024}k x {w}: {us:.1f} us" for (c, w), us in baseline.items()))
+    print(f"\n| {' | '.join(names)} | {case_names} | geomean vs SDPA |")
+    print("|" + "---:|" * (len(names) + len(CASES) + 1))
+    for name in names:
+        scores = {}
+        for value in CANDIDATES[name]:
+            config = best | {name: value}
+            key = tuple(config[n] for n in names)
+            if key not in tried:
+                for n, v in config.items():
+                    setattr(kernel, n, v)
+                try:
+                    micros = [kernel_micros(*case, QWEN3_8B_HEADS, device) for case in CASES]
+                except Exception as exc:  # noqa: BLE001 - a configuration that does not compile or fit is skipped
+                    print(f"| {' | '.join(str(config[n]) for n in names)} | failed: {type(exc).__name__} |")
+                    tried[key] = math.inf
+                    continue
+                ratio = math.exp(sum(math.log(m / baseline[case]) for m, case in zip(micros, CASES)) / len(CASES))
+                tried[key] = ratio
+                cells = " | ".join(f"{m:.1f}" for m in micros)
+                print(f"| {' | '.join(str(config[n]) for n in names)} | {cells} | {ratio:.2f} |", flush=True)
+            scores[value] = tried[key]
+        best[name] = min(scores, key=scores.get)
+    for n, v in best.items():
+        setattr(kernel, n, v)
+    print("\nBest: " + ", ".join(f"{n} = {v}" for n, v in best.items()) + f" (geomean {tried[tuple(best.values())]:.2f}x SDPA)")
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--then-bench", action="store_true", help="run bench_gpu.py with the winner applied")
+    parser.add_argument("--budget-s", type=float, default=200.0, help="bench_gpu.py's --budget-s")
+    parser.add_argument("--steps", type=int, default=32, help="bench_gpu.py's --steps")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("tune_triton.py needs a CUDA device")
+    with torch.inference_mode():
+        tune(torch.device("cuda"))
+    if args.then_bench:
+        import bench_gpu
+
+        sys.argv = [bench_gpu.__file__, "--budget-s", str(args.budget_s), "--steps", str(args.steps)]
+        bench_gpu.main()
+
+
+if __name__ == "__main__":
+    main()
