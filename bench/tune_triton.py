@@ -23,7 +23,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_attention import Heads, decode_group, device_name, graph_micros, view_tokens  # noqa: E402
+from bench_attention import Heads, decode_group, device_name, graph_micros, view_tokens
 
 CASES = [(16384, 4), (16384, 1), (1024, 4), (4096, 8)]  # (context, workers)
 CANDIDATES = {  # module constant of engine.triton_attention -> values tried
