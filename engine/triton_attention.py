@@ -39,13 +39,14 @@ from engine.attention import TRITON_HEAD_DIMS as SUPPORTED_HEAD_DIMS
 from engine.errors import UnsupportedModelError
 from engine.plan import GroupPlan
 
-# Launch parameters, read at every call (bench/tune_triton.py sweeps them on a GPU).
-BLOCK_N = 64  # keys per tile
+# Launch parameters, read at every call. Values: bench/tune_triton.py's sweep on an H200 (bf16, 32/8 heads of
+# 128, decode at 1k-16k context), which cut a 16k-context 4-worker layer from 2.9x to 1.4x SDPA's time.
+BLOCK_N = 128  # keys per tile
 CHUNK_WARPS = 4  # warps per chunk program
 MERGE_ROWS = 16  # query rows per merge program
-MERGE_DIMS = 32  # head-dim columns per merge program: a decode step has few rows, so columns spread the merge
-MIN_CHUNK_TILES = 4  # a chunk holds at least this many key tiles before the key range is split further
-PROGRAMS_PER_SM = 4  # chunk programs aimed at per multiprocessor when splitting keys
+MERGE_DIMS = 16  # head-dim columns per merge program: a decode step has few rows, so columns spread the merge
+MIN_CHUNK_TILES = 2  # a chunk holds at least this many key tiles before the key range is split further
+PROGRAMS_PER_SM = 1  # chunk programs aimed at per multiprocessor when splitting keys
 INTERPRETER_PROGRAMS = 16  # the same aim on the CPU interpreter (no multiprocessors to count)
 STAGES = {torch.float32: 1}  # software-pipeline depth: float32 tiles fit every GPU's shared memory only unpipelined
 DEFAULT_STAGES = 3

@@ -81,7 +81,10 @@ def random_group(
     cache = SessionCache(1, num_kv_heads, head_dim, num_small, dtype, torch.device(device), 64, 32)
     inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
     cache.lengths = lengths
-    group = build_forward([(cache, runs)], inv_freq, dtype).groups[0]  # grows the cache to fit
+    for block, length in enumerate(lengths):
+        cache.reserve(block, length)  # views reach up to these lengths, also in blocks no run writes
+    # A prompt chunk is planned as a group of its own and written first; the small-block runs form the last group.
+    group = build_forward([(cache, runs)], inv_freq, dtype).groups[-1]
     for tensor in (cache.common_k, cache.common_v, cache.small_k, cache.small_v):
         tensor.copy_(torch.randn(tensor.shape).to(tensor))
     if unwritten is not None:
