@@ -69,13 +69,13 @@ def fast_group_attention(
     num_kv = cache.common_k.shape[1]
     rows = num_q_heads // num_kv * n  # query rows per KV head (G * n)
     lc, ls = group.common_len, group.small_len
-    q_common = rotate(q.view(num_kv, -1, n, dim), group.cos[0, 0], group.sin[0, 0]).reshape(num_kv, rows, dim)
-    scores = q_common @ cache.common_k[layer][:, :lc].transpose(1, 2)  # (Hkv, G*n, Lc)
+    # Every block's rotation of the queries at once (one op chain, not one per block): (1 + Bs, Hkv, G*n, D).
+    rotated = rotate(q.view(1, num_kv, -1, n, dim), group.cos, group.sin).reshape(-1, num_kv, rows, dim)
+    scores = rotated[0] @ cache.common_k[layer][:, :lc].transpose(1, 2)  # (Hkv, G*n, Lc)
     if ls:
         small_k = cache.small_k[layer][:, :, :ls]  # (Bs, Hkv, S, D)
         num_small = small_k.shape[0]
-        q_small = rotate(q.view(1, num_kv, -1, n, dim), group.cos[1:], group.sin[1:])  # (Bs, Hkv, G, n, D)
-        small = q_small.reshape(num_small, num_kv, rows, dim) @ small_k.transpose(2, 3)  # (Bs, Hkv, G*n, S)
+        small = rotated[1:] @ small_k.transpose(2, 3)  # (Bs, Hkv, G*n, S)
         scores = torch.cat([scores, small.permute(1, 2, 0, 3).reshape(num_kv, rows, num_small * ls)], dim=2)
     scores = scores.float().view(num_kv, -1, n, scores.shape[-1]) * scale + group.mask  # (Hkv, G, n, cols)
     probs = scores.softmax(dim=-1).to(q.dtype).view(num_kv, rows, -1)

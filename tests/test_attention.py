@@ -44,7 +44,8 @@ def test_fast_attention_matches_reference(
     inv_freq = 1.0 / (10000 ** (torch.arange(0, HEAD_DIM, 2).float() / HEAD_DIM))
     group = build_forward([(cache, runs)], inv_freq, dtype).groups[0]
     n = sum(len(r.token_ids) for r in runs)
-    q = torch.randn(num_q_heads, n, HEAD_DIM).to(dtype)
+    # Laid out as in a forward: heads transposed out of the model's (tokens, heads, D), a slice of the packed row.
+    q = torch.randn(n + 2, num_q_heads, HEAD_DIM).to(dtype).transpose(0, 1)[:, 1:-1]
 
     fast = fast_group_attention(group, 0, q, HEAD_DIM**-0.5, inv_freq)
     reference = reference_group_attention(group, 0, q, HEAD_DIM**-0.5, inv_freq)
