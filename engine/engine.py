@@ -30,8 +30,8 @@ from engine.session import FINISHER_MAX_TOKENS, Session
 log = logging.getLogger(__name__)
 
 GREEDY = SamplingParams(temperature=0.0)
-ASSUMED_MIN_STEP_TOKENS = 32
-PREFILLS_PER_STEP = 1  # sessions whose prompt chunk joins one forward  # the context check allows one step header per this many sampled tokens
+ASSUMED_MIN_STEP_TOKENS = 32  # the context check allows one step header per this many sampled tokens
+PREFILL_TOKENS_PER_STEP = 1024  # prompt tokens one forward takes on top of the decoding sessions' tokens
 
 
 class Engine:
@@ -164,10 +164,17 @@ class Engine:
         return events
 
     def _scheduled(self) -> list[Session]:
-        """Every decoding session, plus prompt prefill for at most PREFILLS_PER_STEP sessions (oldest first),
-        so a burst of new requests does not stall the sessions already decoding."""
-        prefilling = [s for s in self._sessions.values() if s.is_prefilling][:PREFILLS_PER_STEP]
-        return [s for s in self._sessions.values() if not s.is_prefilling or s in prefilling]
+        """Every decoding session, plus the next prompt chunks of the oldest prefilling sessions while they fit in
+        PREFILL_TOKENS_PER_STEP (always at least one): a burst of new requests neither stalls the sessions already
+        decoding nor pays a whole step per short prompt."""
+        scheduled, budget = [], PREFILL_TOKENS_PER_STEP
+        for session in self._sessions.values():
+            if session.is_prefilling:
+                if session.next_prefill_tokens > budget and budget < PREFILL_TOKENS_PER_STEP:
+                    continue
+                budget -= session.next_prefill_tokens
+            scheduled.append(session)
+        return scheduled
 
     def _advance(self, active: list[tuple[Session, list]]) -> None:
         m = self.model

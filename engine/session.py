@@ -280,6 +280,11 @@ class Session:
         return self._prefilled < self._prompt_len
 
     @property
+    def next_prefill_tokens(self) -> int:
+        """Prompt tokens the next prefill forward feeds (0 once the prompt is in)."""
+        return min(PREFILL_CHUNK, self._prompt_len - self._prefilled)
+
+    @property
     def is_finishing(self) -> bool:
         """True while the finisher runs: worker 0 alone, greedy, its tokens not counted."""
         return self._finishing

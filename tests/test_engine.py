@@ -260,13 +260,24 @@ def test_a_long_prompt_prefilled_in_chunks_gives_the_same_session(tiny_engine: E
     assert chunked == whole
 
 
-def test_one_new_session_is_prefilled_per_step_while_others_decode(tiny_engine: Engine) -> None:
+@pytest.mark.parametrize(
+    "budget,expected",
+    [
+        (1, [{"first"}, {"first", "second"}, {"first", "second", "third"}]),  # the oldest prompt always goes
+        (100_000, [{"first", "second", "third"}] * 3),
+    ],
+)
+def test_prompts_join_a_step_while_they_fit_its_prefill_budget(
+    tiny_engine: Engine, monkeypatch, budget: int, expected: list[set[str]]
+) -> None:
+    """Sessions already decoding keep decoding while new prompts are prefilled, as many per step as fit."""
+    import engine.engine
+
+    monkeypatch.setattr(engine.engine, "PREFILL_TOKENS_PER_STEP", budget)
     request = SessionRequest(prompt=TASK, num_workers=2, max_tokens=8, sampling=GREEDY, final_answer=False)
     for name in ("first", "second", "third"):
         tiny_engine.add_session(name, request)
     started = [{sid for sid, e in tiny_engine.step() if isinstance(e, TokenEvent)} for _ in range(3)]
     while tiny_engine.num_running:
         tiny_engine.step()
-    assert started[0] == {"first"}
-    assert started[1] == {"first", "second"}  # "first" keeps decoding while "second" is prefilled
-    assert started[2] == {"first", "second", "third"}
+    assert started == expected
