@@ -13,7 +13,7 @@ values) and a word-level tokenizer is built in memory ("w17" is token 17), so pr
 Random weights never write a sentence end and a blank line, so no step ends: every worker's block only grows.
 Rows that would start after --budget-s are listed as skipped.
 
-    python bench/bench_gpu.py                 # on the GPU machine (about 8 minutes on an H100)
+    python bench/bench_gpu.py                 # on the GPU machine (about 2 minutes on an H200)
     python bench/bench_gpu.py --smoke         # anywhere, tiny shapes, seconds (CPU: Triton's interpreter)
 """
 
