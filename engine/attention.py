@@ -94,9 +94,8 @@ def prompt_attention(group: GroupPlan, layer: int, q: torch.Tensor, scale: float
     """
     cache = group.cache
     lc = group.common_len
-    visible = torch.arange(lc, device=q.device)[None] < group.vis[:, :1]  # (n, Lc)
     k, v = cache.common_k[layer][None, :, :lc], cache.common_v[layer][None, :, :lc]  # (1, Hkv, Lc, D)
-    out = F.scaled_dot_product_attention(q[None], k, v, attn_mask=visible, scale=scale, enable_gqa=True)
+    out = F.scaled_dot_product_attention(q[None], k, v, attn_mask=group.visible_common, scale=scale, enable_gqa=True)
     return out[0]
 
 

@@ -62,13 +62,17 @@ class GroupPlan:
         return self.small_len == 0
 
     @cached_property
+    def visible_common(self) -> torch.Tensor:
+        """(n, common_len) bool: which common-block keys each token sees; built on the device on first use."""
+        return torch.arange(self.common_len, device=self.vis.device)[None] < self.vis[:, :1]
+
+    @cached_property
     def mask(self) -> torch.Tensor:
         """(n, common_len + Bs * small_len) float32 additive mask, 0 visible and -inf hidden; built on the
         device on first use (only the PyTorch path reads it)."""
         vis = self.vis
-        common = torch.arange(self.common_len, device=vis.device)[None] < vis[:, :1]  # (n, Lc)
         small = torch.arange(self.small_len, device=vis.device)[None, None] < vis[:, 1:, None]  # (n, Bs, S)
-        visible = torch.cat([common, small.flatten(1)], dim=1)
+        visible = torch.cat([self.visible_common, small.flatten(1)], dim=1)
         return torch.zeros(visible.shape, device=vis.device).masked_fill_(~visible, float("-inf"))
 
 
