@@ -188,7 +188,9 @@ class Engine:
                 hogwild=plan,
                 inv_freq=m.inv_freq,
             )
-        logits = output.logits[0]  # (K, V): one row per run that wants logits, in order
+        # (K, V): one row per run that wants logits, in order; to the host once per step (sampling runs there),
+        # not once per session
+        logits = output.logits[0].to("cpu", torch.float32)
         row = 0
         for session, runs in active:
             count = sum(run.want_logits for run in runs)

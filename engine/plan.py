@@ -121,9 +121,17 @@ def build_group(
     small_len = int(vis[:, 1:].max()) if vis.shape[1] > 1 else 0
     if common_len > cache.common_k.shape[2] or small_len > cache.small_k.shape[3]:  # kernels read what views say
         raise ValueError(f"a view ({common_len} common, {small_len} small keys) reaches past the session's cache")
-    cos, sin = cos_sin(delta.T.to(device), inv_freq, dtype)  # (B, n, D)
     is_common = blocks == 0
-    as_device = lambda t: t.to(device)  # noqa: E731
+    # Every integer table the device needs travels in one host-to-device copy per group, then is cut into views.
+    tables = (
+        vis, delta.T, is_common.nonzero().flatten(), positions[is_common], (~is_common).nonzero().flatten(),
+        blocks[~is_common] - 1, positions[~is_common],
+    )
+    packed = torch.cat([t.flatten() for t in tables]).to(device).split([t.numel() for t in tables])
+    vis_d, delta_d, common_rows, common_pos, small_rows, small_block, small_pos = (
+        part.view(t.shape) for part, t in zip(packed, tables)
+    )
+    cos, sin = cos_sin(delta_d, inv_freq, dtype)  # (B, n, D)
     return GroupPlan(
         rows=rows,
         cache=cache,
@@ -131,12 +139,12 @@ def build_group(
         small_len=small_len,
         cos=cos[:, None, None],
         sin=sin[:, None, None],
-        common_rows=as_device(is_common.nonzero().flatten()),
-        common_pos=as_device(positions[is_common]),
-        small_rows=as_device((~is_common).nonzero().flatten()),
-        small_block=as_device(blocks[~is_common] - 1),
-        small_pos=as_device(positions[~is_common]),
-        vis=as_device(vis),
+        common_rows=common_rows,
+        common_pos=common_pos,
+        small_rows=small_rows,
+        small_block=small_block,
+        small_pos=small_pos,
+        vis=vis_d,
         offset=offset,
         own=blocks,
     )
