@@ -369,6 +369,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=36, help="decoder layers of the Qwen3-8B-shaped model")
     parser.add_argument("--steps", type=int, default=32, help="timed decode steps per throughput run")
     parser.add_argument("--budget-s", type=float, default=450.0, help="no new benchmark row starts after this")
+    parser.add_argument("--no-throughput", action="store_true", help="sections 1 and 2 only (kernel work)")
     args = parser.parse_args()
     plan = make_plan(args)
     register_triton_backend()
@@ -384,8 +385,9 @@ def main() -> None:
     with torch.inference_mode():
         guarded(report, "2. Attention per layer", lambda: (attention_table(
             plan.contexts, plan.workers, heads, torch.bfloat16, plan.device, include_triton=use_triton), True))
-        guarded(report, "3. Aggregate tokens/s", lambda: (throughput_table(
-            plan, torch.bfloat16, "triton" if use_triton else "torch"), True))
+        if not args.no_throughput:
+            guarded(report, "3. Aggregate tokens/s", lambda: (throughput_table(
+                plan, torch.bfloat16, "triton" if use_triton else "torch"), True))
     if not checked:
         raise SystemExit(1)
 

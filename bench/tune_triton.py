@@ -97,6 +97,7 @@ def main() -> None:
     parser.add_argument("--then-bench", action="store_true", help="run bench_gpu.py with the winner applied")
     parser.add_argument("--budget-s", type=float, default=200.0, help="bench_gpu.py's --budget-s")
     parser.add_argument("--steps", type=int, default=32, help="bench_gpu.py's --steps")
+    parser.add_argument("--no-throughput", action="store_true", help="bench_gpu.py's --no-throughput")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("tune_triton.py needs a CUDA device")
@@ -106,6 +107,7 @@ def main() -> None:
         import bench_gpu
 
         sys.argv = [bench_gpu.__file__, "--budget-s", str(args.budget_s), "--steps", str(args.steps)]
+        sys.argv += ["--no-throughput"] if args.no_throughput else []
         bench_gpu.main()
 
 
