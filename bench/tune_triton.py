@@ -27,7 +27,6 @@ from bench_attention import Heads, decode_group, device_name, graph_micros, view
 
 CASES = [(16384, 4), (16384, 1), (1024, 4), (4096, 8)]  # (context, workers)
 CANDIDATES = {  # module constant of engine.triton_attention -> values tried
-    "SPLIT_DOT": [True, False],
     "PROGRAMS_PER_SM": [1, 2, 4, 8],
     "MIN_CHUNK_TILES": [2, 4, 8, 16],
     "BLOCK_N": [32, 64, 128],

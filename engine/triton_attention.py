@@ -15,8 +15,8 @@ How the work is cut:
   token i; everything else is masked.
 - Merge. A second kernel combines the partials of every chunk of every block by log-sum-exp.
 
-The common block and the small blocks live in two tensors; one launch of the chunk kernel covers both (its first
-programs take the common block's chunks, the rest the small blocks'), writing one table of partials. Importing this module raises ImportError when Triton is missing; otherwise it only
+The common block and the small blocks live in two tensors, so the chunk kernel runs once over each, writing
+into one table of partials. Importing this module raises ImportError when Triton is missing; otherwise it only
 defines the kernels (compiled on first launch). Triton fixes its mode when it is first imported: set
 TRITON_INTERPRET=1 before that to run these kernels on CPU tensors in Triton's interpreter.
 """
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -44,7 +45,6 @@ BLOCK_N = 128  # keys per tile
 CHUNK_WARPS = 4  # warps per chunk program
 MERGE_ROWS = 16  # query rows per merge program
 MERGE_DIMS = 16  # head-dim columns per merge program: a decode step has few rows, so columns spread the merge
-SPLIT_DOT = True  # score the head dimension's two halves with two dots (else one dot over the whole query)
 MIN_CHUNK_TILES = 2  # a chunk holds at least this many key tiles before the key range is split further
 PROGRAMS_PER_SM = 1  # chunk programs aimed at per multiprocessor when splitting keys
 INTERPRETER_PROGRAMS = 16  # the same aim on the CPU interpreter (no multiprocessors to count)
@@ -52,77 +52,52 @@ STAGES = {torch.float32: 1}  # software-pipeline depth: float32 tiles fit every 
 DEFAULT_STAGES = 3
 LOG2_E = math.log2(math.e)
 # Arguments that change from call to call: left unspecialised, so one compiled kernel serves every session.
-_CHUNK_RUNTIME_ARGS = ["stride_ch", "stride_sb", "stride_sh", "stride_lc", "stride_lh", "n", "common_len",
-                       "common_chunk_keys", "common_chunks", "small_len", "small_chunk_keys", "small_chunks"]
+_CHUNK_RUNTIME_ARGS = ["stride_vn", "stride_lc", "stride_lh", "n", "first_block", "block_len", "chunks_per_block",
+                       "first_chunk"]
 _MERGE_RUNTIME_ARGS = ["stride_lc", "stride_lh", "num_rows", "num_chunks"]
 
 
 @triton.jit(do_not_specialize=_CHUNK_RUNTIME_ARGS)
 def _chunk_kernel(
-    q_ptr, cos_ptr, sin_ptr, vis_ptr, ck_ptr, cv_ptr, sk_ptr, sv_ptr, out_ptr, lse_ptr,
+    q_ptr, cos_ptr, sin_ptr, vis_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
     stride_qh, stride_qn,  # q (Hq, n, D), unit stride on D
     stride_cb, stride_cn,  # cos / sin (1 + Bs, n, D): the per-block query rotation of each token
     stride_vn, stride_vb,  # vis (n, 1 + Bs) int64
-    stride_ch,  # common keys/values of the layer (Hkv, capacity, D)
-    stride_sb, stride_sh,  # small blocks' keys/values of the layer (Bs, Hkv, capacity, D)
-    stride_kn,  # between two keys, the same in both (D)
+    stride_kb, stride_kh, stride_kn,  # k and v (num_blocks, Hkv, capacity, D), same strides
     stride_oc, stride_oh, stride_or,  # partial out (C, Hkv, R, D) float32
     stride_lc, stride_lh,  # partial lse (C, Hkv, R) float32, log base 2
-    n, num_groups, common_len, common_chunk_keys, common_chunks, small_len, small_chunk_keys, small_chunks,
-    qk_scale,
+    n, num_groups, first_block, block_len, chunk_keys, chunks_per_block, first_chunk, qk_scale,
     HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    SPLIT_DOT: tl.constexpr,
 ):
-    """Grid (row tiles, Hkv, common_chunks + Bs * small_chunks): one chunk of one block for BLOCK_M query rows;
-    the first `common_chunks` programs take the common block, the rest the small blocks in order.
+    """Grid (row tiles, Hkv, num_blocks * chunks_per_block): one chunk of one block for BLOCK_M query rows.
 
     Writes out = softmax-weighted values over the chunk's visible keys and lse = log2 of the softmax
     denominator (qk already in log2 units); a row that sees no key of the chunk gets out 0 and lse -inf.
-    SPLIT_DOT scores the two halves of the head dimension with two dots; otherwise one dot over the whole
-    rotated query (the rotation's half swap done by the load).
     """
     tile, h, pid_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    is_common = pid_c < common_chunks
-    j = tl.maximum(pid_c - common_chunks, 0)  # index among the small blocks' chunks
-    small = j // tl.maximum(small_chunks, 1)
-    column = tl.where(is_common, 0, 1 + small)  # the block's column in vis / cos / sin
-    start = tl.where(is_common, pid_c * common_chunk_keys, (j % tl.maximum(small_chunks, 1)) * small_chunk_keys)
-    block_end = tl.where(is_common, tl.minimum(start + common_chunk_keys, common_len),
-                         tl.minimum(start + small_chunk_keys, small_len))
-    if is_common:
-        k_base = ck_ptr + h * stride_ch
-        v_base = cv_ptr + h * stride_ch
-    else:
-        k_base = sk_ptr + small * stride_sb + h * stride_sh
-        v_base = sv_ptr + small * stride_sb + h * stride_sh
+    block = pid_c // chunks_per_block  # within this launch's tensor
+    start = (pid_c % chunks_per_block) * chunk_keys
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
     is_row = rows < num_groups * n
     token = rows % n
     head = h * num_groups + rows // n
-    vis = tl.load(vis_ptr + token * stride_vn + column * stride_vb, mask=is_row, other=0).to(tl.int32)  # (BM,)
-    end = tl.minimum(block_end, tl.max(vis, axis=0))
+    vis_at = vis_ptr + token * stride_vn + (first_block + block) * stride_vb
+    vis = tl.load(vis_at, mask=is_row, other=0).to(tl.int32)  # (BM,) visible keys of this block per row
+    end = tl.minimum(tl.minimum(start + chunk_keys, block_len), tl.max(vis, axis=0))
 
-    # The query rows, rotated from the token's own frame into this block's frame, rounded like the keys.
+    # The query rows, rotated from the token's own frame into this block's frame.
+    d = tl.arange(0, HALF)
     q_rows = q_ptr + head * stride_qh + token * stride_qn
-    angle = column * stride_cb + token * stride_cn
-    if SPLIT_DOT:
-        d = tl.arange(0, HALF)
-        q1 = tl.load(q_rows[:, None] + d[None, :], mask=is_row[:, None], other=0.0).to(tl.float32)  # (BM, HALF)
-        q2 = tl.load(q_rows[:, None] + HALF + d[None, :], mask=is_row[:, None], other=0.0).to(tl.float32)
-        cos = tl.load(cos_ptr + angle[:, None] + d[None, :], mask=is_row[:, None], other=1.0).to(tl.float32)
-        sin = tl.load(sin_ptr + angle[:, None] + d[None, :], mask=is_row[:, None], other=0.0).to(tl.float32)
-        r1 = (q1 * cos - q2 * sin).to(ck_ptr.dtype.element_ty)
-        r2 = (q2 * cos + q1 * sin).to(ck_ptr.dtype.element_ty)
-    else:
-        d = tl.arange(0, 2 * HALF)
-        swapped = (d + HALF) % (2 * HALF)  # rotate_half: [-q2, q1]
-        sign = tl.where(d < HALF, -1.0, 1.0)
-        q = tl.load(q_rows[:, None] + d[None, :], mask=is_row[:, None], other=0.0).to(tl.float32)  # (BM, D)
-        q_half = tl.load(q_rows[:, None] + swapped[None, :], mask=is_row[:, None], other=0.0).to(tl.float32)
-        cos = tl.load(cos_ptr + angle[:, None] + d[None, :], mask=is_row[:, None], other=1.0).to(tl.float32)
-        sin = tl.load(sin_ptr + angle[:, None] + d[None, :], mask=is_row[:, None], other=0.0).to(tl.float32)
-        r = (q * cos + sign[None, :] * q_half * sin).to(ck_ptr.dtype.element_ty)
+    q1 = tl.load(q_rows[:, None] + d[None, :], mask=is_row[:, None], other=0.0).to(tl.float32)  # (BM, HALF)
+    q2 = tl.load(q_rows[:, None] + HALF + d[None, :], mask=is_row[:, None], other=0.0).to(tl.float32)
+    angle = (first_block + block) * stride_cb + token * stride_cn
+    cos = tl.load(cos_ptr + angle[:, None] + d[None, :], mask=is_row[:, None], other=1.0).to(tl.float32)
+    sin = tl.load(sin_ptr + angle[:, None] + d[None, :], mask=is_row[:, None], other=0.0).to(tl.float32)
+    r1 = (q1 * cos - q2 * sin).to(k_ptr.dtype.element_ty)  # (BM, HALF), rounded like the keys for the dot
+    r2 = (q2 * cos + q1 * sin).to(k_ptr.dtype.element_ty)
 
+    k_base = k_ptr + block * stride_kb + h * stride_kh
+    v_base = v_ptr + block * stride_kb + h * stride_kh
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of qk (log2 units)
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running softmax denominator
     acc = tl.zeros([BLOCK_M, 2 * HALF], tl.float32)
@@ -130,14 +105,9 @@ def _chunk_kernel(
     for key0 in range(start, end, BLOCK_N):
         keys = key0 + tl.arange(0, BLOCK_N)  # (BN,)
         is_key = keys < end
-        k_cols = k_base + keys[None, :] * stride_kn
-        if SPLIT_DOT:
-            k1 = tl.load(k_cols + d[:, None], mask=is_key[None, :], other=0.0)  # (HALF, BN)
-            k2 = tl.load(k_cols + HALF + d[:, None], mask=is_key[None, :], other=0.0)
-            qk = tl.dot(r1, k1, input_precision=DOT_PRECISION) + tl.dot(r2, k2, input_precision=DOT_PRECISION)
-        else:
-            k = tl.load(k_cols + d[:, None], mask=is_key[None, :], other=0.0)  # (D, BN)
-            qk = tl.dot(r, k, input_precision=DOT_PRECISION)
+        k1 = tl.load(k_base + keys[None, :] * stride_kn + d[:, None], mask=is_key[None, :], other=0.0)  # (HALF, BN)
+        k2 = tl.load(k_base + keys[None, :] * stride_kn + HALF + d[:, None], mask=is_key[None, :], other=0.0)
+        qk = tl.dot(r1, k1, input_precision=DOT_PRECISION) + tl.dot(r2, k2, input_precision=DOT_PRECISION)
         qk = tl.where(keys[None, :] < vis[:, None], qk * qk_scale, float("-inf"))  # (BM, BN)
         m_new = tl.maximum(m_i, tl.max(qk, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet stay at zero
@@ -151,9 +121,10 @@ def _chunk_kernel(
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
-    out_rows = out_ptr + pid_c * stride_oc + h * stride_oh + rows * stride_or
+    chunk = first_chunk + pid_c
+    out_rows = out_ptr + chunk * stride_oc + h * stride_oh + rows * stride_or
     tl.store(out_rows[:, None] + dv[None, :], out, mask=is_row[:, None])
-    tl.store(lse_ptr + pid_c * stride_lc + h * stride_lh + rows, lse, mask=is_row)
+    tl.store(lse_ptr + chunk * stride_lc + h * stride_lh + rows, lse, mask=is_row)
 
 
 @triton.jit(do_not_specialize=_MERGE_RUNTIME_ARGS)
@@ -188,6 +159,21 @@ def _merge_kernel(
     out = acc / tl.where(is_row, denominator, 1.0)[:, None]
     tl.store(out_ptr + h * stride_oh + rows[:, None] * stride_or + d[None, :], out.to(out_ptr.dtype.element_ty),
              mask=is_row[:, None])
+
+
+@dataclass(frozen=True)
+class _KeyBlocks:
+    """One launch of the chunk kernel: `num_blocks` blocks of one cache tensor, `length` keys each at most."""
+
+    k: torch.Tensor  # (num_blocks, Hkv, capacity, D)
+    v: torch.Tensor  # (num_blocks, Hkv, capacity, D)
+    first_block: int  # column of the first block in the plan's vis / cos / sin
+    length: int
+    chunk_keys: int
+
+    @property
+    def num_chunks(self) -> int:
+        return self.k.shape[0] * triton.cdiv(self.length, self.chunk_keys)
 
 
 def _chunk_keys(length: int, programs_per_chunk: int, target_programs: int) -> int:
@@ -234,42 +220,31 @@ def triton_group_attention(
     assert num_q_heads % num_kv == 0, "query heads must be a multiple of KV heads"
     assert chunk_keys is None or chunk_keys > 0 and chunk_keys % BLOCK_N == 0, "chunk_keys must be a BLOCK_N multiple"
     q = q if q.stride(-1) == 1 else q.contiguous()
-    common_k, common_v = cache.common_k[layer], cache.common_v[layer]  # (Hkv, capacity, D)
-    small_k, small_v = cache.small_k[layer], cache.small_v[layer]  # (Bs, Hkv, capacity, D)
-    assert common_k.stride() == common_v.stride() and small_k.stride() == small_v.stride()
-    assert common_k.stride(1) == small_k.stride(2), "keys are rows of D in both tensors"
     num_groups = num_q_heads // num_kv
     rows = num_groups * n
     block_m = min(64, max(16, triton.next_power_of_2(rows)))
     row_tiles = triton.cdiv(rows, block_m)
-    target = _target_programs(q.device)
-    programs_per_chunk = row_tiles * num_kv
-    common_keys = chunk_keys or _chunk_keys(group.common_len, programs_per_chunk, target)
-    common_chunks = triton.cdiv(group.common_len, common_keys)
-    num_small = small_k.shape[0]
-    small_chunks, small_keys = 0, BLOCK_N  # per small block: none when no token sees one
-    if group.small_len:
-        small_keys = chunk_keys or _chunk_keys(group.small_len, programs_per_chunk * num_small, target)
-        small_chunks = triton.cdiv(group.small_len, small_keys)
-    num_chunks = common_chunks + num_small * small_chunks
+    launches = _launches(group, layer, row_tiles * num_kv, q.device, chunk_keys)
+    num_chunks = sum(keys.num_chunks for keys in launches)
     partial = torch.empty((num_chunks, num_kv, rows, dim), dtype=torch.float32, device=q.device)
     lse = torch.empty((num_chunks, num_kv, rows), dtype=torch.float32, device=q.device)
-    _chunk_kernel[(row_tiles, num_kv, num_chunks)](
-        q, group.cos, group.sin, group.vis, common_k, common_v, small_k, small_v, partial, lse,
-        q.stride(0), q.stride(1),
-        group.cos.stride(0), group.cos.stride(3),
-        group.vis.stride(0), group.vis.stride(1),
-        common_k.stride(0),
-        small_k.stride(0), small_k.stride(1),
-        common_k.stride(1),
-        partial.stride(0), partial.stride(1), partial.stride(2),
-        lse.stride(0), lse.stride(1),
-        n, num_groups, group.common_len, common_keys, common_chunks, group.small_len, small_keys, small_chunks,
-        scale * LOG2_E,
-        HALF=dim // 2, BLOCK_M=block_m, BLOCK_N=BLOCK_N,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", SPLIT_DOT=SPLIT_DOT,
-        num_stages=STAGES.get(q.dtype, DEFAULT_STAGES), num_warps=CHUNK_WARPS,
-    )
+    first_chunk = 0
+    for keys in launches:
+        _chunk_kernel[(row_tiles, num_kv, keys.num_chunks)](
+            q, group.cos, group.sin, group.vis, keys.k, keys.v, partial, lse,
+            q.stride(0), q.stride(1),
+            group.cos.stride(0), group.cos.stride(3),
+            group.vis.stride(0), group.vis.stride(1),
+            keys.k.stride(0), keys.k.stride(1), keys.k.stride(2),
+            partial.stride(0), partial.stride(1), partial.stride(2),
+            lse.stride(0), lse.stride(1),
+            n, num_groups, keys.first_block, keys.length, keys.chunk_keys,
+            keys.num_chunks // keys.k.shape[0], first_chunk, scale * LOG2_E,
+            HALF=dim // 2, BLOCK_M=block_m, BLOCK_N=BLOCK_N,
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            num_stages=STAGES.get(q.dtype, DEFAULT_STAGES), num_warps=CHUNK_WARPS,
+        )
+        first_chunk += keys.num_chunks
     out = torch.empty((num_kv, rows, dim), dtype=q.dtype, device=q.device)
     merge_dims = min(MERGE_DIMS, dim)
     _merge_kernel[(triton.cdiv(rows, MERGE_ROWS), num_kv, dim // merge_dims)](
@@ -282,3 +257,18 @@ def triton_group_attention(
     )
     return out.view(num_q_heads, n, dim)
 
+
+def _launches(
+    group: GroupPlan, layer: int, programs_per_chunk: int, device: torch.device, chunk_keys: int | None
+) -> list[_KeyBlocks]:
+    """The common block, then (when any token sees one) the small blocks, each with its chunk size."""
+    cache = group.cache
+    assert cache.common_k.stride() == cache.common_v.stride() and cache.small_k.stride() == cache.small_v.stride()
+    target = _target_programs(device)
+    common_keys = chunk_keys or _chunk_keys(group.common_len, programs_per_chunk, target)
+    launches = [_KeyBlocks(cache.common_k[layer][None], cache.common_v[layer][None], 0, group.common_len, common_keys)]
+    if group.small_len:
+        num_small = cache.small_k.shape[1]
+        small_keys = chunk_keys or _chunk_keys(group.small_len, programs_per_chunk * num_small, target)
+        launches.append(_KeyBlocks(cache.small_k[layer], cache.small_v[layer], 1, group.small_len, small_keys))
+    return [keys for keys in launches if keys.length]

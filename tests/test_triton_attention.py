@@ -26,7 +26,7 @@ if DEVICE == "cpu":
     os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton", reason="Triton is not installed; the Triton attention tests need it (pip install triton)")
 
-from engine import attention, triton_attention
+from engine import attention
 from engine.attention import fast_group_attention, reference_group_attention
 from engine.cache import SessionCache
 from engine.config import EngineConfig, SamplingParams, SessionRequest
@@ -101,12 +101,9 @@ def random_group(
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("num_q_heads,num_kv_heads", [(2, 2), (4, 2), (6, 2)])
 @pytest.mark.parametrize("seed", range(3))
-@pytest.mark.parametrize("split_dot", [True, False])
 def test_triton_matches_reference_and_torch_path(
-    dtype: torch.dtype, num_q_heads: int, num_kv_heads: int, seed: int, split_dot: bool, monkeypatch
+    dtype: torch.dtype, num_q_heads: int, num_kv_heads: int, seed: int
 ) -> None:
-    """Both ways of scoring (two half-dimension dots, one whole-dimension dot) against both other paths."""
-    monkeypatch.setattr(triton_attention, "SPLIT_DOT", split_dot)
     group, q, inv_freq = random_group(seed, num_q_heads, num_kv_heads, 64, dtype)
     scale = 64**-0.5
 
