@@ -18,6 +18,7 @@ class Usage:
     total_tokens: int
     completion_tokens_per_worker: tuple[int, ...]
     steps_per_worker: tuple[int, ...]
+    cached_tokens: int = 0  # prompt tokens the server's prefix cache supplied
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Usage:
@@ -27,6 +28,7 @@ class Usage:
             total_tokens=data["total_tokens"],
             completion_tokens_per_worker=tuple(data.get("completion_tokens_per_worker", ())),
             steps_per_worker=tuple(data.get("steps_per_worker", ())),
+            cached_tokens=(data.get("prompt_tokens_details") or {}).get("cached_tokens", 0),
         )
 
 

@@ -16,6 +16,7 @@ MAX_WORKERS = len(DEFAULT_WORKER_NAMES)
 MAX_WORKER_NAME_CHARS = 32
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_REDUNDANCY_CHECK_EVERY = 1024
+DEFAULT_PREFIX_CACHE_TOKENS = 4096
 DEFAULT_MODEL = "default"  # the embedded SmolLM2-135M-Instruct, see engine.default_model
 SUPPORTED_DTYPES = ("bfloat16", "float16", "float32")
 
@@ -99,6 +100,8 @@ class EngineConfig:
     device/dtype: None picks cuda + bfloat16 when a GPU is present, else cpu + float32.
     max_sessions: sessions decoded together in one batched forward (continuous batching).
     cache_budget_tokens: KV tokens all running sessions may reserve together; 0 means no budget.
+    prefix_cache_tokens: prompt KV tokens kept across sessions for prompts that start alike
+        (engine.prefix_cache), on top of the budget; 0 turns prefix caching off.
     """
 
     model: str = DEFAULT_MODEL
@@ -108,14 +111,15 @@ class EngineConfig:
     max_tokens: int = 4096
     max_sessions: int = 8
     cache_budget_tokens: int = 0
+    prefix_cache_tokens: int = DEFAULT_PREFIX_CACHE_TOKENS
 
     def validate(self) -> None:
         if self.dtype is not None and self.dtype not in SUPPORTED_DTYPES:
             raise InvalidRequestError(f"dtype must be one of {', '.join(SUPPORTED_DTYPES)}", "dtype")
         if not 1 <= self.max_workers <= MAX_WORKERS:
             raise InvalidRequestError(f"max_workers must be between 1 and {MAX_WORKERS}", "max_workers")
-        if self.max_tokens < 1 or self.max_sessions < 1 or self.cache_budget_tokens < 0:
-            raise InvalidRequestError("max_tokens and max_sessions must be positive, cache budget non-negative")
+        if self.max_tokens < 1 or self.max_sessions < 1 or self.cache_budget_tokens < 0 or self.prefix_cache_tokens < 0:
+            raise InvalidRequestError("max_tokens and max_sessions must be positive, cache sizes non-negative")
 
     @classmethod
     def from_env(cls, **overrides: object) -> EngineConfig:

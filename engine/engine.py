@@ -24,6 +24,7 @@ from engine.errors import CapacityError, ContextLengthError, InvalidRequestError
 from engine.events import ErrorEvent, Event, WorkerView
 from engine.model import LoadedModel, load_model
 from engine.plan import build_forward
+from engine.prefix_cache import PAGE_TOKENS, PrefixCache
 from engine.sampling import make_generator, sample
 from engine.session import FINISHER_MAX_TOKENS, Session
 
@@ -42,6 +43,8 @@ class Engine:
         self._sessions: dict[str, Session] = {}
         self._generators: dict[str, torch.Generator] = {}
         self._reserved: dict[str, int] = {}
+        self.prefix_cache = PrefixCache(self.config.prefix_cache_tokens)
+        self._page_keys: dict[str, list[bytes]] = {}  # prompt page keys of sessions whose prompt is not yet stored
 
     @classmethod
     def load(cls, config: EngineConfig, progress: Callable[[str], None] | None = None) -> Engine:
@@ -114,11 +117,13 @@ class Engine:
         self._sessions[session_id] = Session(session_id, request, prompt_ids, m, cache)
         self._generators[session_id] = make_generator(request.sampling.seed)
         self._reserved[session_id] = reserve
+        self._page_keys[session_id] = self.prefix_cache.page_keys(prompt_ids)
 
     def cancel(self, session_id: str) -> bool:
         """Drops a session and its cache at once; it yields no more events."""
         self._generators.pop(session_id, None)
         self._reserved.pop(session_id, None)
+        self._page_keys.pop(session_id, None)
         return self._sessions.pop(session_id, None) is not None
 
     def view(self, session_id: str, worker: int) -> WorkerView:
@@ -157,6 +162,7 @@ class Engine:
             except Exception as exc:  # a fault in the forward fails the sessions in it, not the engine
                 log.exception("forward failed")
                 return self._fail([session for session, _ in active], exc)
+            self._store_prompts([session for session, _ in active])
         events = [(session.id, event) for session, _ in batch for event in session.take_events()]
         for session, _ in batch:
             if session.done:
@@ -166,15 +172,39 @@ class Engine:
     def _scheduled(self) -> list[Session]:
         """Every decoding session, plus the next prompt chunks of the oldest prefilling sessions while they fit in
         PREFILL_TOKENS_PER_STEP (always at least one): a burst of new requests neither stalls the sessions already
-        decoding nor pays a whole step per short prompt."""
+        decoding nor pays a whole step per short prompt.
+
+        A session's first prefill starts after the prompt prefix the prefix cache holds. One whose next uncached
+        page is being computed by an earlier session's prefill waits for it (a step or a few) instead of
+        computing it too: a burst of requests with the same rules computes them once.
+        """
+        in_flight = {
+            key for sid, session in self._sessions.items()
+            if session.is_prefilling and session.has_started for key in self._page_keys.get(sid, ())
+        }
         scheduled, budget = [], PREFILL_TOKENS_PER_STEP
         for session in self._sessions.values():
             if session.is_prefilling:
+                if not session.has_started and self._waits_for_prefix(session, in_flight):
+                    continue
                 if session.next_prefill_tokens > budget and budget < PREFILL_TOKENS_PER_STEP:
                     continue
                 budget -= session.next_prefill_tokens
+                in_flight.update(self._page_keys.get(session.id, ()))
             scheduled.append(session)
         return scheduled
+
+    def _waits_for_prefix(self, session: Session, in_flight: set[bytes]) -> bool:
+        """Before a session's first prefill: copies the prompt prefix the prefix cache holds into its cache, or
+        returns True when its next page is in another session's prefill right now (then nothing is copied yet)."""
+        keys = self._page_keys.get(session.id, [])
+        usable = keys[: (session.prompt_len - 1) // PAGE_TOKENS]  # the prompt's last token is always computed
+        hit = self.prefix_cache.cached_pages(usable)
+        if hit < len(usable) and usable[hit] in in_flight:
+            return True
+        if hit:
+            session.prompt_restored(self.prefix_cache.restore(usable[:hit], session.cache))
+        return False
 
     def _advance(self, active: list[tuple[Session, list]]) -> None:
         m = self.model
@@ -198,6 +228,14 @@ class Engine:
                 params = GREEDY if session.is_finishing else session.request.sampling
                 session.commit(sample(logits[row : row + count], params, self._generators[session.id]))
             row += count
+
+    def _store_prompts(self, sessions: list[Session]) -> None:
+        """Hands the prompts whose prefill just ended to the prefix cache."""
+        for session in sessions:
+            keys = self._page_keys.get(session.id)
+            if keys is not None and not session.is_prefilling:
+                self.prefix_cache.store(keys, session.cache)
+                del self._page_keys[session.id]
 
     def _fail(self, sessions: list[Session], exc: Exception) -> list[tuple[str, Event]]:
         for session in sessions:

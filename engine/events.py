@@ -76,6 +76,7 @@ class Usage:
     prompt_tokens: int
     completion_tokens_per_worker: tuple[int, ...]
     steps_per_worker: tuple[int, ...]
+    cached_prompt_tokens: int = 0  # prompt tokens copied from the prefix cache, not computed
 
     @property
     def completion_tokens(self) -> int:
@@ -90,6 +91,7 @@ class Usage:
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.total_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.cached_prompt_tokens},
             "completion_tokens_per_worker": list(self.completion_tokens_per_worker),
             "steps_per_worker": list(self.steps_per_worker),
         }

@@ -93,7 +93,8 @@ class Session:
         self._finisher_text = ""
         self._finisher_tokens = 0
         self._prompt_len = len(prompt_ids)
-        self._prefilled = 0  # prompt tokens already fed
+        self._prefilled = 0  # prompt tokens already fed (or copied from the prefix cache)
+        self.cached_prompt_tokens = 0  # prompt tokens copied from the prefix cache instead of computed
         self.answer: str | None = None
         self.done = False
         self.history: list[tuple[int, int]] = []  # (worker, step) of each block in the history, in order
@@ -250,6 +251,7 @@ class Session:
         views = tuple(self.view(w.index) for w in self.workers) if self.request.return_views else None
         usage = Usage(
             prompt_tokens=self.prompt_tokens,
+            cached_prompt_tokens=self.cached_prompt_tokens,
             completion_tokens_per_worker=tuple(w.generated for w in self.workers),
             steps_per_worker=tuple(w.step for w in self.workers),
         )
@@ -273,6 +275,22 @@ class Session:
         """Tokens the longest worker view will hold after the next forward."""
         fixed = len(self.common) + sum(map(len, self.labels)) + sum(len(w.block) for w in self.workers)
         return fixed + max(len(w.pending) for w in self.workers)
+
+    def prompt_restored(self, tokens: int) -> None:
+        """The cache already holds the prompt's first `tokens` (copied by the prefix cache): prefill starts after
+        them. Only before the first prefill forward, and never the whole prompt (the last chunk must run)."""
+        if self._prefilled or not 0 <= tokens < self._prompt_len:
+            raise ValueError(f"cannot restore {tokens} prompt tokens of {self._prompt_len} after {self._prefilled}")
+        self._prefilled = self.cached_prompt_tokens = tokens
+
+    @property
+    def prompt_len(self) -> int:
+        return self._prompt_len
+
+    @property
+    def has_started(self) -> bool:
+        """True once a forward has fed this session, or a prefix of its prompt was restored."""
+        return self._prefilled > 0
 
     @property
     def is_prefilling(self) -> bool:

@@ -272,6 +272,8 @@ class EngineBridge:
                 sampled[request_id] = session
             if isinstance(event, DoneEvent):
                 self.metrics.generated_tokens += session.silent_tokens(event.usage)
+                self.metrics.prompt_tokens += event.usage.prompt_tokens
+                self.metrics.cached_prompt_tokens += event.usage.cached_prompt_tokens
             if isinstance(event, (DoneEvent, ErrorEvent)):
                 del self._sessions[request_id]
             session.deliver(event)

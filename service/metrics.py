@@ -52,6 +52,8 @@ class Metrics:
     """Counters and histograms the service updates as requests and tokens flow."""
 
     generated_tokens: int = 0
+    prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
     engine_restarts: int = 0
     requests: TallyCounter[str] = field(default_factory=TallyCounter)
     time_to_first_token: Histogram = field(default_factory=lambda: Histogram(TTFT_BUCKETS))
@@ -83,6 +85,18 @@ class Metrics:
                 "Tokens sampled by all workers of all sessions, counted as they stream (an end-of-sequence "
                 "token when its session ends).",
                 [f"{self.generated_tokens}"],
+            ),
+            _block(
+                "hogwild_prompt_tokens_total",
+                "counter",
+                "Prompt tokens of the sessions the engine finished (rules, task, labels, first step headers).",
+                [f"{self.prompt_tokens}"],
+            ),
+            _block(
+                "hogwild_prompt_cached_tokens_total",
+                "counter",
+                "Of those, tokens whose keys/values the prefix cache supplied instead of a forward.",
+                [f"{self.cached_prompt_tokens}"],
             ),
             _block(
                 "hogwild_requests_total",

@@ -81,10 +81,15 @@ class TranscriptStep(BaseModel):
     text: str
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(description="prompt tokens whose keys/values came from the prefix cache")
+
+
 class CompletionUsage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
     completion_tokens_per_worker: list[int]
     steps_per_worker: list[int]
 

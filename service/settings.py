@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from engine.config import DEFAULT_MODEL, MAX_WORKERS, EngineConfig
+from engine.config import DEFAULT_MODEL, DEFAULT_PREFIX_CACHE_TOKENS, MAX_WORKERS, EngineConfig
 
 ENV_PREFIX = "HOGWILD_"
 
@@ -40,6 +40,11 @@ class Settings(BaseSettings):
     max_sessions: int = Field(8, ge=1, description="sessions the engine runs at once (batched together)")
     max_queued: int = Field(32, ge=0, description="accepted requests that may wait for a free session; beyond: 503")
     cache_budget_tokens: int = Field(0, ge=0, description="KV-cache tokens all sessions may reserve (0: no budget)")
+    prefix_cache_tokens: int = Field(
+        DEFAULT_PREFIX_CACHE_TOKENS,
+        ge=0,
+        description="prompt KV tokens kept for reuse by prompts that start alike, on top of the budget (0: off)",
+    )
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="comma-separated origins allowed by CORS (empty: CORS off)"
     )
@@ -64,6 +69,7 @@ class Settings(BaseSettings):
             max_tokens=self.max_tokens,
             max_sessions=self.max_sessions,
             cache_budget_tokens=self.cache_budget_tokens,
+            prefix_cache_tokens=self.prefix_cache_tokens,
         )
         config.validate()
         return config

@@ -142,7 +142,11 @@ def test_stream_follows_the_chunk_protocol(client: httpx.Client, model_id: str) 
         streamed = "".join(c["choices"][0]["text"] for c in worker_chunks if c["hogwild"]["worker"] == worker)
         assert streamed == choice["text"]
         assert finishes[worker]["choices"][0]["finish_reason"] == choice["finish_reason"]
-    assert usage_chunk["usage"] == whole["usage"]
+    streamed_usage, whole_usage = usage_chunk["usage"], whole["usage"]
+    # The second run copies at least as much of the same prompt from the prefix cache; the rest is the same.
+    streamed_cached = streamed_usage.pop("prompt_tokens_details")["cached_tokens"]
+    assert streamed_cached <= whole_usage.pop("prompt_tokens_details")["cached_tokens"]
+    assert streamed_usage == whole_usage
 
 
 def test_stream_without_include_usage_has_no_usage_chunk(client: httpx.Client) -> None:
@@ -322,6 +326,20 @@ def test_health_reports_ready_engine(server: str) -> None:
     assert response.status_code == 200
     body = response.json()
     assert body["status"] == "ok" and body["model"] and body["context_length"] > 0 and body["engine_pid"] > 0
+
+
+def test_a_repeated_prompt_reuses_its_cached_prefix(client: httpx.Client) -> None:
+    before = metric_values(client.get("/metrics").text)
+    body = {"prompt": "Count the vowels in 'prefix'.", "workers": 2, "max_tokens": 4, "final_answer": False}
+    first, second = (complete(client, **body).json()["usage"] for _ in range(2))
+    assert second["prompt_tokens"] == first["prompt_tokens"]
+    cached = second["prompt_tokens_details"]["cached_tokens"]
+    assert 0 < cached < second["prompt_tokens"]  # everything but the prompt's last token and what follows it
+    assert first["prompt_tokens_details"]["cached_tokens"] < cached
+    after = metric_values(client.get("/metrics").text)
+    prompt, hits = "hogwild_prompt_tokens_total", "hogwild_prompt_cached_tokens_total"
+    assert after[prompt] - before.get(prompt, 0) == first["prompt_tokens"] + second["prompt_tokens"]
+    assert after[hits] - before.get(hits, 0) == first["prompt_tokens_details"]["cached_tokens"] + cached
 
 
 def test_metrics_count_requests_tokens_and_latencies(server: str, client: httpx.Client) -> None:
