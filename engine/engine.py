@@ -13,6 +13,7 @@ import logging
 import math
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -35,6 +36,18 @@ ASSUMED_MIN_STEP_TOKENS = 32  # the context check allows one step header per thi
 PREFILL_TOKENS_PER_STEP = 1024  # prompt tokens one forward takes on top of the decoding sessions' tokens
 
 
+@dataclass
+class PromptPages:
+    """A prefilling session's prompt pages (engine.prefix_cache keys) and how many of them are stored."""
+
+    keys: list[bytes]
+    stored: int = 0
+
+    @property
+    def unstored(self) -> list[bytes]:
+        return self.keys[self.stored :]
+
+
 class Engine:
     def __init__(self, model: LoadedModel, config: EngineConfig | None = None) -> None:
         self.model = model
@@ -44,7 +57,7 @@ class Engine:
         self._generators: dict[str, torch.Generator] = {}
         self._reserved: dict[str, int] = {}
         self.prefix_cache = PrefixCache(self.config.prefix_cache_tokens)
-        self._page_keys: dict[str, list[bytes]] = {}  # prompt page keys of sessions whose prompt is not yet stored
+        self._prompt_pages: dict[str, PromptPages] = {}  # sessions whose prompt is not yet all in the prefix cache
 
     @classmethod
     def load(cls, config: EngineConfig, progress: Callable[[str], None] | None = None) -> Engine:
@@ -117,13 +130,13 @@ class Engine:
         self._sessions[session_id] = Session(session_id, request, prompt_ids, m, cache)
         self._generators[session_id] = make_generator(request.sampling.seed)
         self._reserved[session_id] = reserve
-        self._page_keys[session_id] = self.prefix_cache.page_keys(prompt_ids)
+        self._prompt_pages[session_id] = PromptPages(self.prefix_cache.page_keys(prompt_ids))
 
     def cancel(self, session_id: str) -> bool:
         """Drops a session and its cache at once; it yields no more events."""
         self._generators.pop(session_id, None)
         self._reserved.pop(session_id, None)
-        self._page_keys.pop(session_id, None)
+        self._prompt_pages.pop(session_id, None)
         return self._sessions.pop(session_id, None) is not None
 
     def view(self, session_id: str, worker: int) -> WorkerView:
@@ -175,12 +188,15 @@ class Engine:
         decoding nor pays a whole step per short prompt.
 
         A session's first prefill starts after the prompt prefix the prefix cache holds. One whose next uncached
-        page is being computed by an earlier session's prefill waits for it (a step or a few) instead of
-        computing it too: a burst of requests with the same rules computes them once.
+        page is still to be computed by an earlier session's prefill waits for it (pages are stored after every
+        prefill forward, so usually one step) instead of computing it too: a burst of requests with the same rules
+        computes them once.
         """
         in_flight = {
-            key for sid, session in self._sessions.items()
-            if session.is_prefilling and session.has_started for key in self._page_keys.get(sid, ())
+            key
+            for sid, session in self._sessions.items()
+            if session.has_started and sid in self._prompt_pages
+            for key in self._prompt_pages[sid].unstored
         }
         scheduled, budget = [], PREFILL_TOKENS_PER_STEP
         for session in self._sessions.values():
@@ -190,14 +206,15 @@ class Engine:
                 if session.next_prefill_tokens > budget and budget < PREFILL_TOKENS_PER_STEP:
                     continue
                 budget -= session.next_prefill_tokens
-                in_flight.update(self._page_keys.get(session.id, ()))
+                if session.id in self._prompt_pages:
+                    in_flight.update(self._prompt_pages[session.id].unstored)
             scheduled.append(session)
         return scheduled
 
     def _waits_for_prefix(self, session: Session, in_flight: set[bytes]) -> bool:
         """Before a session's first prefill: copies the prompt prefix the prefix cache holds into its cache, or
         returns True when its next page is in another session's prefill right now (then nothing is copied yet)."""
-        keys = self._page_keys.get(session.id, [])
+        keys = self._prompt_pages[session.id].keys if session.id in self._prompt_pages else []
         usable = keys[: (session.prompt_len - 1) // PAGE_TOKENS]  # the prompt's last token is always computed
         hit = self.prefix_cache.cached_pages(usable)
         if hit < len(usable) and usable[hit] in in_flight:
@@ -230,12 +247,17 @@ class Engine:
             row += count
 
     def _store_prompts(self, sessions: list[Session]) -> None:
-        """Hands the prompts whose prefill just ended to the prefix cache."""
+        """Hands the prompt pages a forward has just completed to the prefix cache."""
         for session in sessions:
-            keys = self._page_keys.get(session.id)
-            if keys is not None and not session.is_prefilling:
-                self.prefix_cache.store(keys, session.cache)
-                del self._page_keys[session.id]
+            pages = self._prompt_pages.get(session.id)
+            if pages is None:
+                continue
+            done = len(pages.keys) if not session.is_prefilling else session.prefilled_tokens // PAGE_TOKENS
+            if done > pages.stored:
+                self.prefix_cache.store(pages.keys[:done], session.cache)
+                pages.stored = done
+            if not session.is_prefilling:
+                del self._prompt_pages[session.id]
 
     def _fail(self, sessions: list[Session], exc: Exception) -> list[tuple[str, Event]]:
         for session in sessions:

@@ -288,6 +288,11 @@ class Session:
         return self._prompt_len
 
     @property
+    def prefilled_tokens(self) -> int:
+        """Prompt tokens the cache holds (fed by forwards or restored from the prefix cache)."""
+        return self._prefilled
+
+    @property
     def has_started(self) -> bool:
         """True once a forward has fed this session, or a prefix of its prompt was restored."""
         return self._prefilled > 0

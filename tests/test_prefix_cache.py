@@ -12,6 +12,7 @@ from engine.config import EngineConfig, SamplingParams, SessionRequest
 from engine.engine import Engine
 from engine.events import DoneEvent, TokenEvent
 from engine.prefix_cache import PAGE_TOKENS, PrefixCache
+from engine.session import PREFILL_CHUNK
 
 GREEDY = SamplingParams(temperature=0.0)
 LAYERS, HEADS, DIM = 2, 2, 8
@@ -151,22 +152,22 @@ def test_a_burst_with_the_same_rules_computes_them_once(tiny_path: Path) -> None
             break
     first_done = [e for sid, e in first if isinstance(e, DoneEvent)]
     assert not first_done and set(done) == {"s0", "s1", "s2"}
-    assert engine._sessions == {} and engine._page_keys == {}
+    assert engine._sessions == {} and engine._prompt_pages == {}
     assert done["s1"].usage.cached_prompt_tokens > 0 and done["s2"].usage.cached_prompt_tokens > 0
 
 
-def test_cancelling_a_prefill_others_wait_for_lets_them_compute_it(tiny_path: Path) -> None:
+def test_pages_are_stored_as_each_prefill_chunk_completes(tiny_path: Path) -> None:
     engine = engine_for(tiny_path)
-    long_task = "Add 2 and 3. " + "Mind the carry. " * 120  # a prompt longer than one prefill chunk
-    engine.add_session("a", request(long_task))
-    engine.add_session("b", request("Multiply 4 by 5."))
-    engine.step()
+    notes = "Mind the carry. " * 120  # prompts longer than one prefill chunk, the same up to their last words
+    engine.add_session("a", request("Add 2 and 3. " + notes + "Then double it."))
+    engine.add_session("b", request("Add 2 and 3. " + notes + "Then halve it."))
+    engine.step()  # a computes its first chunk; b waits for the pages in it
     assert engine._sessions["a"].is_prefilling and not engine._sessions["b"].has_started
-    engine.cancel("a")  # its prefill never completes, so nothing of it is stored
-    assert engine.prefix_cache.num_tokens == 0
+    assert engine.prefix_cache.num_tokens == PREFILL_CHUNK  # a's first chunk is usable before its prefill ends
+    engine.cancel("a")
     events = [e for _ in range(40) for sid, e in engine.step() if sid == "b"]
-    assert isinstance(events[-1], DoneEvent) and events[-1].usage.cached_prompt_tokens == 0
-    assert engine.prefix_cache.num_tokens > 0  # b's prompt is stored once its prefill ends
+    assert isinstance(events[-1], DoneEvent)
+    assert events[-1].usage.cached_prompt_tokens == PREFILL_CHUNK  # what a stored, not what it never computed
 
 
 def test_a_failed_prefill_stores_nothing(tiny_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -179,4 +180,4 @@ def test_a_failed_prefill_stores_nothing(tiny_path: Path, monkeypatch: pytest.Mo
     engine.add_session("a", request("Add 2 and 3."))
     [(sid, event)] = engine.step()
     assert sid == "a" and "device lost" in event.message
-    assert engine.prefix_cache.num_tokens == 0 and engine._page_keys == {} and engine.num_running == 0
+    assert engine.prefix_cache.num_tokens == 0 and engine._prompt_pages == {} and engine.num_running == 0
