@@ -99,6 +99,7 @@ def hf_decode(model: torch.nn.Module, prompt_ids: list[int], sequences: int, new
 def run(args: argparse.Namespace) -> list[Row]:
     engine = Engine.load(EngineConfig(model=args.model, device=args.device, dtype=args.dtype, max_tokens=100_000))
     engine.model.eos_token_ids = frozenset()  # measure full-length runs
+    args.dtype = str(engine.model.dtype).removeprefix("torch.")  # the table names what ran
     plain = AutoModelForCausalLM.from_pretrained(
         engine_path(args.model), dtype=engine.model.dtype, attn_implementation="sdpa"
     ).to(engine.model.device).eval()
@@ -145,7 +146,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default", help="'default', a local folder or a hub id")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument(
+        "--dtype", choices=["bfloat16", "float16", "float32"], help="unset: the engine's default for the device"
+    )
     parser.add_argument("--workers", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4])
     parser.add_argument("--contexts", type=lambda s: [int(x) for x in s.split(",")], default=[1024, 4096])
     parser.add_argument("--new-tokens", type=int, default=32, help="decode steps timed per run")

@@ -77,7 +77,8 @@ def _stream(client: HogwildClient, task: str, options: dict[str, object], names:
     with client.stream(task, include_usage=True, **options) as events:
         for event in events:
             if event.kind == "usage" and event.usage is not None:
-                usage = dataclasses.asdict(event.usage)
+                usage = dataclasses.asdict(event.usage)  # back to the server's shape, which the summary reads
+                usage["prompt_tokens_details"] = {"cached_tokens": usage.pop("cached_tokens")}
             elif event.worker is not None and event.kind in LANE_KINDS:
                 renderer.feed(event.worker, event.kind, _lane_text(event))
     renderer.finish(None, usage)  # the answer, if any, came as an "answer" event

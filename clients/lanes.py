@@ -213,8 +213,10 @@ def summary(answer: str | None, usage: dict[str, Any] | None, names: list[str], 
         steps = usage.get("steps_per_worker") or []
         tokens = ", ".join(f"{n} {t}" for n, t in zip(names, per_worker))
         rate = usage["completion_tokens"] / elapsed_s if elapsed_s > 0 else 0.0
+        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
         lines.append(
-            f"Tokens: {usage['prompt_tokens']} prompt, {usage['completion_tokens']} completion"
+            f"Tokens: {usage['prompt_tokens']} prompt" + (f" ({cached} cached)" if cached else "")
+            + f", {usage['completion_tokens']} completion"
             + (f" ({tokens})" if tokens else "")
             + f"; steps: {sum(steps)}; {elapsed_s:.1f} s, {rate:.1f} tokens/s"
         )

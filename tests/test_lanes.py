@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from clients.lanes import LaneRenderer, cell_width, wrap_tail
+from clients.lanes import LaneRenderer, cell_width, summary, wrap_tail
 
 USAGE = {
     "prompt_tokens": 30,
@@ -72,6 +72,12 @@ def test_plain_output_prefixes_complete_lines_with_worker_names() -> None:
     assert lines[3] == "Answer: 42"
     assert lines[4].startswith("Tokens: 30 prompt, 12 completion (Alice 7, Bob 5); steps: 3;")
     assert "\x1b" not in out.getvalue()
+
+
+def test_summary_names_the_prompt_tokens_the_prefix_cache_supplied() -> None:
+    usage = {**USAGE, "prompt_tokens_details": {"cached_tokens": 16}}
+    lines = summary("42", usage, ["Alice", "Bob"], 2.0)
+    assert lines[1].startswith("Tokens: 30 prompt (16 cached), 12 completion (Alice 7, Bob 5); steps: 3;")
 
 
 def test_plain_output_strips_control_characters_from_model_text() -> None:
