@@ -6,7 +6,7 @@ finisher, so both sample exactly workers x max_tokens tokens. The engine is load
 time), `--repeats` times each, and the table shows each path's best run, which is the one least disturbed by
 other work on the machine. Prints a markdown table.
 
-    .venv/bin/python bench/bench_service.py [--model default] [--dtype bfloat16] [--workers 2] [--max-tokens 256]
+    .venv/bin/python bench/bench_service.py [--model default] [--dtype float32] [--workers 2] [--max-tokens 256]
 """
 
 from __future__ import annotations
@@ -54,7 +54,9 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default", help="model id, folder or hub id (default: the embedded one)")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    parser.add_argument(
+        "--dtype", choices=("bfloat16", "float16", "float32"), help="unset: the engine's default for the device"
+    )
     parser.add_argument("--workers", type=int, default=2, help="workers in the session (default: 2)")
     parser.add_argument("--max-tokens", type=int, default=256, help="tokens per worker (default: 256)")
     parser.add_argument("--repeats", type=int, default=1, help="runs per path; the best counts (default: 1)")
@@ -139,9 +141,10 @@ def main() -> None:
     from engine.engine import Engine
 
     runs: dict[str, list[Run]] = {DIRECT: [], SERVICE: []}
-    env = {"HOGWILD_MODEL": args.model, "HOGWILD_DEVICE": args.device, "HOGWILD_DTYPE": args.dtype}
+    env = {"HOGWILD_MODEL": args.model, "HOGWILD_DEVICE": args.device, "HOGWILD_DTYPE": args.dtype or ""}
     with running_server(env) as url:
         engine = Engine.load(EngineConfig(model=args.model, device=args.device, dtype=args.dtype))
+        args.dtype = str(engine.model.dtype).removeprefix("torch.")  # the table names what ran
         run_direct(engine, args.workers, WARMUP_TOKENS)
         run_service(url, args.workers, WARMUP_TOKENS)
         for _ in range(args.repeats):

@@ -128,7 +128,7 @@ class Engine:
             common_capacity=len(prompt_ids) + 1,
         )
         self._sessions[session_id] = Session(session_id, request, prompt_ids, m, cache)
-        self._generators[session_id] = make_generator(request.sampling.seed)
+        self._generators[session_id] = make_generator(request.sampling.seed, m.device)
         self._reserved[session_id] = reserve
         self._prompt_pages[session_id] = PromptPages(self.prefix_cache.page_keys(prompt_ids))
 
@@ -235,15 +235,21 @@ class Engine:
                 hogwild=plan,
                 inv_freq=m.inv_freq,
             )
-        # (K, V): one row per run that wants logits, in order; to the host once per step (sampling runs there),
-        # not once per session
-        logits = output.logits[0].to("cpu", torch.float32)
-        row = 0
-        for session, runs in active:
-            count = sum(run.want_logits for run in runs)
-            if count:  # a prefill chunk of a long prompt samples nothing
+        # (K, V): one row per run that wants logits, in order. Every session samples on the device; the chosen
+        # tokens reach the host in one transfer, the step's only wait for the device.
+        logits = output.logits[0]
+        counts = [sum(run.want_logits for run in runs) for _, runs in active]  # 0 for a long prompt's prefill chunk
+        picks, row = [], 0
+        for (session, _), count in zip(active, counts):
+            if count:
                 params = GREEDY if session.is_finishing else session.request.sampling
-                session.commit(sample(logits[row : row + count], params, self._generators[session.id]))
+                picks.append(sample(logits[row : row + count], params, self._generators[session.id]))
+            row += count
+        tokens = torch.cat(picks).tolist() if picks else []
+        row = 0
+        for (session, _), count in zip(active, counts):
+            if count:
+                session.commit(tokens[row : row + count])
             row += count
 
     def _store_prompts(self, sessions: list[Session]) -> None:
