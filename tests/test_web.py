@@ -107,8 +107,15 @@ def test_three_workers_fill_their_lanes_and_the_shared_history(page: Page) -> No
     assert int(page.inner_text("#stat-tokens")) == 3 * 16, "the usage chunk gives the exact count"
     assert lanes.locator(".count").all_inner_texts() == ["16", "16", "16"]
     assert float(page.inner_text("#stat-rate")) > 0
+    prompt, cached = (int(part) for part in page.inner_text("#stat-prompt").split(" · "))
+    assert prompt > 0 and 0 <= cached < prompt
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "web-run.png"), full_page=True)
+
+    page.click("#start")  # the same task again: the server's prefix cache supplies all but its end
+    assert wait_until_not_running(page) == "done"
+    again, cached_again = (int(part) for part in page.inner_text("#stat-prompt").split(" · "))
+    assert again == prompt and cached < cached_again < prompt
 
 
 def test_lanes_grow_while_the_run_streams(page: Page) -> None:

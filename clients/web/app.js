@@ -28,6 +28,7 @@ function newRun(workers) {
     workers,
     tokens: 0,
     steps: 0,
+    prompt: null, // { tokens, cached } from the usage chunk
     startedAt: performance.now(),
     firstTokenAt: null,
     endedAt: null,
@@ -160,6 +161,7 @@ function countTokens(current, lane, count) {
 // The usage chunk is exact: the counters above also saw the tokens sampled after the finisher, which do not count.
 function applyUsage(current, usage) {
   current.tokens = usage.completion_tokens;
+  current.prompt = { tokens: usage.prompt_tokens, cached: usage.prompt_tokens_details?.cached_tokens ?? 0 };
   for (const [index, tokens] of (usage.completion_tokens_per_worker || []).entries()) {
     const lane = current.lanes[index];
     if (lane) lane.countEl.textContent = lane.tokens = tokens;
@@ -233,6 +235,7 @@ function updateCounters() {
   $("stat-elapsed").textContent = `${elapsed.toFixed(1)} s`;
   $("stat-tokens").textContent = run.tokens;
   $("stat-steps").textContent = run.steps;
+  $("stat-prompt").textContent = run.prompt ? `${run.prompt.tokens} · ${run.prompt.cached}` : "–";
   $("stat-rate").textContent = generating > 0.2 ? (run.tokens / generating).toFixed(1) : "–";
 }
 
