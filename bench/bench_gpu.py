@@ -4,10 +4,11 @@ Sections, in order (each printed as a markdown table and, when $OUT is set, rewr
 soon as it is done, so a run cut short keeps what finished):
 1. Correctness: the Triton attention against the reference on random block layouts (every dtype the device
    runs), and a 4-worker greedy session of a tiny random Llama that must give the same tokens with the "triton"
-   and "torch" backends.
+   and "torch" backends, and (on CUDA) with decode steps replayed from CUDA graphs.
 2. Attention per layer for 1, 2, 4, 8 workers vs SDPA over one sequence (bench_attention.py).
-3. Aggregate decode tokens/s for 1, 2, 4, 8 workers at 1k, 16k, 4k context (target rows first): the engine with a Qwen3-8B-shaped
-   model vs HF generate of the same model with N sequences (num_return_sequences). Prefill is excluded.
+3. Aggregate decode tokens/s for 1, 2, 4, 8 workers at 1k, 16k, 4k context (target rows first): the engine with a
+   Qwen3-8B-shaped model, eager and with decode steps replayed from CUDA graphs, vs HF generate of the same model
+   with N sequences (num_return_sequences). Prefill is excluded.
 Nothing is downloaded: models are built from configs with random weights (speed does not depend on weight
 values) and a word-level tokenizer is built in memory ("w17" is token 17), so prompts are random token ids.
 Random weights never write a sentence end and a blank line, so no step ends: every worker's block only grows.
@@ -45,6 +46,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFa
 
 from engine import attention
 from engine.attention import ATTENTION_NAME, reference_group_attention
+from engine.decode_graphs import DecodeGraphs
 from engine.cache import SessionCache
 from engine.config import EngineConfig, SamplingParams, SessionRequest
 from engine.engine import Engine
@@ -211,16 +213,26 @@ def session_check(plan: Plan) -> tuple[str, bool]:
         prompt=prompt, num_workers=4, max_tokens=plan.check_tokens, sampling=GREEDY, redundancy_check_every=0,
         final_answer=False,
     )
+    def session_tokens() -> list[tuple[int, tuple[int, ...]]]:
+        return [(e.worker, e.token_ids) for e in engine.generate(request) if isinstance(e, TokenEvent)]
+
     tokens = {}
     for backend in ("torch", "triton"):
         engine.attention = backend
-        tokens[backend] = [(e.worker, e.token_ids) for e in engine.generate(request) if isinstance(e, TokenEvent)]
+        tokens[backend] = session_tokens()
     same = tokens["torch"] == tokens["triton"] and len(tokens["torch"]) > 0
-    result = "same tokens" if same else "DIFFERENT"
-    return (
-        "| engine session: triton vs torch backend | result |\n|---|---|\n"
-        f"| 4 workers x {plan.check_tokens} greedy tokens, tiny Llama, float32 | {result} |"
-    ), same
+    rows = [f"| 4 workers x {plan.check_tokens} greedy tokens, tiny Llama, float32: triton vs torch backend | "
+            f"{'same tokens' if same else 'DIFFERENT'} |"]
+    if plan.device.type == "cuda":
+        engine.graphs = graphs = DecodeGraphs(engine.forward_logits)
+        graphed = session_tokens()
+        engine.graphs = None
+        graphs_same = graphed == tokens["triton"]
+        verdict = "same tokens" if graphs_same else "DIFFERENT"
+        state = f"{graphs.captures} captures, {graphs.replays} replays" + ("" if graphs.enabled else ", turned off")
+        rows.append(f"| the same session, triton with CUDA graphs vs triton eager | {verdict} ({state}) |")
+        same = same and graphs_same
+    return "| engine session | result |\n|---|---|\n" + "\n".join(rows), same
 
 
 # ---- 3. aggregate tokens/s ----------------------------------------------------------------------------------
@@ -231,8 +243,9 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def hogwild_tokens_per_s(engine: Engine, context: int, workers: int, steps: int) -> float:
-    """Aggregate sampled tokens/s over `steps` lockstep decode steps of one session with `workers` workers."""
+def hogwild_tokens_per_s(engine: Engine, context: int, workers: int, steps: int, graphs: bool = False) -> float:
+    """Aggregate sampled tokens/s over `steps` lockstep decode steps of one session with `workers` workers,
+    with decode steps replayed from CUDA graphs when `graphs` (captured during the warm-up steps)."""
     m = engine.model
     vocab = m.model.config.vocab_size
     probe = SessionRequest(prompt="w1", num_workers=workers, max_tokens=1)
@@ -242,6 +255,7 @@ def hogwild_tokens_per_s(engine: Engine, context: int, workers: int, steps: int)
         redundancy_check_every=0, final_answer=False,
     )
     prefill_forwards = math.ceil(engine.check(request) / PREFILL_CHUNK)
+    engine.graphs = DecodeGraphs(engine.forward_logits) if graphs else None
     engine.add_session("bench", request)
     try:
         for _ in range(prefill_forwards + WARMUP_STEPS):  # the last prefill forward samples the first tokens
@@ -250,9 +264,13 @@ def hogwild_tokens_per_s(engine: Engine, context: int, workers: int, steps: int)
         start = time.perf_counter()
         for _ in range(steps):
             checked_step(engine)  # sampling reads the logits on the host, so each step ends synchronised
-        return workers * steps / (time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        if graphs and (engine.graphs is None or not engine.graphs.enabled or engine.graphs.replays < steps):
+            raise RuntimeError("the timed decode steps did not all replay a CUDA graph")
+        return workers * steps / seconds
     finally:
         engine.cancel("bench")
+        engine.graphs = None
 
 
 def hf_tokens_per_s(m: LoadedModel, context: int, sequences: int, steps: int) -> float:
@@ -274,10 +292,12 @@ def hf_tokens_per_s(m: LoadedModel, context: int, sequences: int, steps: int) ->
     return sequences * (len(timed) - 1) / (timed[-1] - timed[0])
 
 
-def warm_up(engine: Engine, plan: Plan) -> None:
+def warm_up(engine: Engine, plan: Plan, graphs: bool) -> None:
     """Compiles kernels and fills allocator pools for every worker count before anything is timed."""
     for workers in plan.workers:
         hogwild_tokens_per_s(engine, WARM_UP_CONTEXT, workers, 1)
+        if graphs:
+            hogwild_tokens_per_s(engine, WARM_UP_CONTEXT, workers, 1, graphs=True)
         hf_tokens_per_s(engine.model, WARM_UP_CONTEXT, workers, 1)
 
 
@@ -286,44 +306,61 @@ def throughput_table(plan: Plan, dtype: torch.dtype, backend: str) -> str:
     m = random_model("qwen3", plan.shape, plan.layers, dtype, plan.device)
     engine = Engine(m, EngineConfig(max_tokens=100_000))
     engine.attention = backend
-    warm_up(engine, plan)
+    graphs = backend == "triton" and plan.device.type == "cuda"  # decode graphs replay Triton launches only
+    warm_up(engine, plan, graphs)
     caption = (
         f"Aggregate decode tokens/s, {device_name(plan.device)}, {plan.shape_name} random model with {plan.layers} "
         f"layers, {str(dtype).removeprefix('torch.')}, engine attention '{backend}'; {plan.steps} timed "
-        f"decode steps after {WARMUP_STEPS} warm-up steps, prefill excluded. HF: generate with "
-        "num_return_sequences = workers, SDPA attention."
+        f"decode steps after {WARMUP_STEPS} warm-up steps, prefill excluded; the engine eager and with decode "
+        "steps replayed from CUDA graphs (captured in the warm-up). HF: generate with num_return_sequences = "
+        "workers, SDPA attention."
     )
     lines = [
         caption,
         "",
-        "| context | workers | Hogwild tok/s (vs 1 worker) | HF generate tok/s (vs 1 sequence) | Hogwild / HF |",
-        "|---:|---:|---:|---:|---:|",
+        "| context | workers | Hogwild tok/s (vs 1 worker) | Hogwild + CUDA graphs tok/s (vs 1 worker) | "
+        "HF generate tok/s (vs 1 sequence) | Hogwild / HF | with graphs / HF |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for context in plan.contexts:
         base: dict[str, float] = {}
         for workers in plan.workers:
-            lines.append(throughput_row(engine, plan, context, workers, base))
+            lines.append(throughput_row(engine, plan, context, workers, base, graphs))
             print("  " + lines[-1], flush=True)
     return "\n".join(lines)
 
 
-def throughput_row(engine: Engine, plan: Plan, context: int, workers: int, base: dict[str, float]) -> str:
+def throughput_row(
+    engine: Engine, plan: Plan, context: int, workers: int, base: dict[str, float], graphs: bool
+) -> str:
     """One markdown row; `base` keeps the context's 1-worker results for the speedup columns."""
     if time.perf_counter() > plan.deadline:
-        return f"| {context} | {workers} | skipped (time budget) | | |"
+        return f"| {context} | {workers} | skipped (time budget) | | | | |"
+    rates: dict[str, float] = {}
     try:
-        hogwild = hogwild_tokens_per_s(engine, context, workers, plan.steps)
-        hf = hf_tokens_per_s(engine.model, context, workers, plan.steps)
+        rates["hogwild"] = hogwild_tokens_per_s(engine, context, workers, plan.steps)
+        if graphs:
+            rates["graphs"] = hogwild_tokens_per_s(engine, context, workers, plan.steps, graphs=True)
+        rates["hf"] = hf_tokens_per_s(engine.model, context, workers, plan.steps)
     except RuntimeError as exc:  # out of memory included: the other rows still count
-        return f"| {context} | {workers} | failed: {type(exc).__name__} | | |"
+        return f"| {context} | {workers} | failed: {type(exc).__name__}: {str(exc)[:80]} | | | | |"
     finally:
         if plan.device.type == "cuda":
             torch.cuda.empty_cache()  # HF's cache of N long sequences is the largest allocation
     if workers == 1:
-        base.update(hogwild=hogwild, hf=hf)
-    hogwild_x = f" ({hogwild / base['hogwild']:.2f}x)" if base else ""
-    hf_x = f" ({hf / base['hf']:.2f}x)" if base else ""
-    return f"| {context} | {workers} | {hogwild:.1f}{hogwild_x} | {hf:.1f}{hf_x} | {hogwild / hf:.2f} |"
+        base.update(rates)
+
+    def cell(name: str) -> str:
+        if name not in rates:
+            return "n/a"
+        speedup = f" ({rates[name] / base[name]:.2f}x)" if name in base else ""
+        return f"{rates[name]:.1f}{speedup}"
+
+    with_graphs = f"{rates['graphs'] / rates['hf']:.2f}" if graphs else "n/a"
+    return (
+        f"| {context} | {workers} | {cell('hogwild')} | {cell('graphs')} | {cell('hf')} | "
+        f"{rates['hogwild'] / rates['hf']:.2f} | {with_graphs} |"
+    )
 
 
 # ---- the run ------------------------------------------------------------------------------------------------

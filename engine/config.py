@@ -102,6 +102,8 @@ class EngineConfig:
     cache_budget_tokens: KV tokens all running sessions may reserve together; 0 means no budget.
     prefix_cache_tokens: prompt KV tokens kept across sessions for prompts that start alike
         (engine.prefix_cache), on top of the budget; 0 turns prefix caching off.
+    cuda_graphs: replay decode steps from CUDA graphs (engine.decode_graphs) on a CUDA device with the Triton
+        attention; ignored elsewhere.
     """
 
     model: str = DEFAULT_MODEL
@@ -112,6 +114,7 @@ class EngineConfig:
     max_sessions: int = 8
     cache_budget_tokens: int = 0
     prefix_cache_tokens: int = DEFAULT_PREFIX_CACHE_TOKENS
+    cuda_graphs: bool = False
 
     def validate(self) -> None:
         if self.dtype is not None and self.dtype not in SUPPORTED_DTYPES:

@@ -24,7 +24,8 @@ from engine.config import EngineConfig, SamplingParams, SessionRequest
 from engine.errors import CapacityError, ContextLengthError, InvalidRequestError
 from engine.events import ErrorEvent, Event, WorkerView
 from engine.model import LoadedModel, load_model
-from engine.plan import build_forward
+from engine.decode_graphs import DecodeGraphs
+from engine.plan import ForwardPlan, build_forward
 from engine.prefix_cache import PAGE_TOKENS, PrefixCache
 from engine.sampling import make_generator, sample
 from engine.session import FINISHER_MAX_TOKENS, Session
@@ -57,6 +58,9 @@ class Engine:
         self._generators: dict[str, torch.Generator] = {}
         self._reserved: dict[str, int] = {}
         self.prefix_cache = PrefixCache(self.config.prefix_cache_tokens)
+        self.graphs: DecodeGraphs | None = None  # replays decode forwards; see engine.decode_graphs
+        if self.config.cuda_graphs and model.device.type == "cuda":
+            self.graphs = DecodeGraphs(self.forward_logits)
         self._prompt_pages: dict[str, PromptPages] = {}  # sessions whose prompt is not yet all in the prefix cache
 
     @classmethod
@@ -223,9 +227,9 @@ class Engine:
             session.prompt_restored(self.prefix_cache.restore(usable[:hit], session.cache))
         return False
 
-    def _advance(self, active: list[tuple[Session, list]]) -> None:
+    def forward_logits(self, plan: ForwardPlan) -> torch.Tensor:
+        """One forward of the model over `plan`: (K, V) logits, one row per run that wants them, in order."""
         m = self.model
-        plan = build_forward([(s.cache, runs) for s, runs in active], m.inv_freq, m.dtype, self.attention)
         with torch.inference_mode():
             output = m.model(
                 input_ids=plan.input_ids,
@@ -235,9 +239,14 @@ class Engine:
                 hogwild=plan,
                 inv_freq=m.inv_freq,
             )
-        # (K, V): one row per run that wants logits, in order. Every session samples on the device; the chosen
-        # tokens reach the host in one transfer, the step's only wait for the device.
-        logits = output.logits[0]
+        return output.logits[0]
+
+    def _advance(self, active: list[tuple[Session, list]]) -> None:
+        m = self.model
+        plan = build_forward([(s.cache, runs) for s, runs in active], m.inv_freq, m.dtype, self.attention)
+        logits = self.graphs(plan) if self.graphs is not None else self.forward_logits(plan)
+        # Every session samples on the device; the chosen tokens reach the host in one transfer, the step's only
+        # wait for the device.
         counts = [sum(run.want_logits for run in runs) for _, runs in active]  # 0 for a long prompt's prefill chunk
         picks, row = [], 0
         for (session, _), count in zip(active, counts):

@@ -1,9 +1,7 @@
 """The Triton attention kernel agrees with the reference and the PyTorch path on random block layouts.
 
-With a CUDA device the kernels run natively. Without one they run in Triton's CPU interpreter, which Triton
-only enables when TRITON_INTERPRET=1 is set before it is first imported: this module sets it before importing
-Triton, so it must be the first to import Triton in the test process (the engine imports it only on first use
-of the Triton backend). The interpreter cannot multiply bfloat16 tiles, so on CPU float32 and float16 are
+With a CUDA device the kernels run natively, without one in Triton's CPU interpreter (tests/triton_mode.py).
+The interpreter cannot multiply bfloat16 tiles, so on CPU float32 and float16 are
 covered; bfloat16 runs on CUDA only.
 """
 
@@ -19,11 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu":
-    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("Triton was imported before TRITON_INTERPRET=1 could be set; its CPU interpreter is off")
-    os.environ["TRITON_INTERPRET"] = "1"
+from triton_mode import triton_device
+
+DEVICE = triton_device()
 pytest.importorskip("triton", reason="Triton is not installed; the Triton attention tests need it (pip install triton)")
 
 from engine import attention
