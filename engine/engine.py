@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 GREEDY = SamplingParams(temperature=0.0)
 ASSUMED_MIN_STEP_TOKENS = 32  # the context check allows one step header per this many sampled tokens
 PREFILL_TOKENS_PER_STEP = 1024  # prompt tokens one forward takes on top of the decoding sessions' tokens
+WARM_UP_TASK = "Say hello."
 
 
 @dataclass
@@ -67,6 +68,18 @@ class Engine:
     def load(cls, config: EngineConfig, progress: Callable[[str], None] | None = None) -> Engine:
         config.validate()
         return cls(load_model(config, progress), config)
+
+    def warm_up(self) -> None:
+        """Runs one short session before serving, so the first request does not pay for what a first forward
+        sets up (kernel compilation on a GPU, library initialisation) and finds the default team's collaboration
+        rules in the prefix cache."""
+        request = SessionRequest(
+            prompt=WARM_UP_TASK, num_workers=min(2, self.config.max_workers), max_tokens=min(2, self.config.max_tokens),
+            sampling=GREEDY, redundancy_check_every=0, final_answer=False,
+        )
+        for event in self.generate(request):
+            if isinstance(event, ErrorEvent):
+                raise RuntimeError(event.message)
 
     @property
     def model_name(self) -> str:

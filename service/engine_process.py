@@ -59,6 +59,14 @@ def run_engine_process(config: EngineConfig, max_running: int, commands: Queue[C
         replies.send(LoadFailed("load_failed", f"loading the model failed: {type(error).__name__}: {error}"))
         return
     try:
+        replies.send(LoadProgress("warming up: a first short session"))
+        try:
+            engine.warm_up()
+        except Exception as error:  # noqa: BLE001 - a model that cannot run a short session cannot serve
+            logger.exception("the warm-up session failed")
+            message = f"the model failed its first session: {type(error).__name__}: {error}"
+            replies.send(LoadFailed("load_failed", message))
+            return
         replies.send(Ready(engine.model_name, engine.context_length))
         EngineLoop(engine, max_running, commands, replies).run()
     except (BrokenPipeError, EOFError):

@@ -181,3 +181,11 @@ def test_a_failed_prefill_stores_nothing(tiny_path: Path, monkeypatch: pytest.Mo
     [(sid, event)] = engine.step()
     assert sid == "a" and "device lost" in event.message
     assert engine.prefix_cache.num_tokens == 0 and engine._prompt_pages == {} and engine.num_running == 0
+
+
+def test_the_warm_up_session_leaves_the_default_rules_in_the_cache(tiny_path: Path) -> None:
+    engine = engine_for(tiny_path)
+    engine.warm_up()
+    assert engine.num_running == 0 and engine.prefix_cache.num_tokens > 0
+    _, done = run_alone(engine, request("Add 2 and 3."))  # two workers, the default team
+    assert done.usage.cached_prompt_tokens > 0

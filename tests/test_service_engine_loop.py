@@ -11,6 +11,8 @@ import queue
 import threading
 from collections.abc import Callable
 
+import pytest
+
 from engine.config import SessionRequest
 from engine.errors import CapacityError, InvalidRequestError
 from engine.events import DoneEvent, ErrorEvent, Event, TokenEvent, Usage
@@ -166,3 +168,31 @@ def test_a_request_that_can_never_fit_fails_instead_of_waiting_forever() -> None
         replies = harness.until(ended("a"))
     assert replies[0] == Accepted("a", 4)
     assert events_of(replies) == [("a", ErrorEvent("does not fit", "capacity_exceeded"))]
+
+
+class WarmUpFails:
+    """An engine that loads but cannot run a session."""
+
+    model_name, context_length = "broken", 128
+
+    def warm_up(self) -> None:
+        raise RuntimeError("CUDA error: no kernel image is available")
+
+
+def test_a_model_that_fails_its_warm_up_session_is_reported_as_a_failed_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    import multiprocessing
+
+    from engine.config import EngineConfig
+    from engine.engine import Engine
+    from service.engine_process import run_engine_process
+    from service.messages import LoadFailed, LoadProgress
+
+    monkeypatch.setattr(Engine, "load", classmethod(lambda cls, config, progress=None: WarmUpFails()))
+    receive, send = multiprocessing.Pipe(duplex=False)
+    run_engine_process(EngineConfig(), 1, queue.Queue(), send)  # returns without serving
+    replies = []
+    while receive.poll():
+        replies.append(receive.recv())
+    assert isinstance(replies[0], LoadProgress) and "warming up" in replies[0].message
+    assert isinstance(replies[-1], LoadFailed) and replies[-1].code == "load_failed"
+    assert "failed its first session" in replies[-1].message and "no kernel image" in replies[-1].message
