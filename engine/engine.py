@@ -275,14 +275,19 @@ class Engine:
             row += count
 
     def _store_prompts(self, sessions: list[Session]) -> None:
-        """Hands the prompt pages a forward has just completed to the prefix cache."""
+        """Hands the prompt pages a forward has just completed to the prefix cache. The cache is an optimisation:
+        when it cannot get memory for a copy it is emptied, and the sessions go on."""
         for session in sessions:
             pages = self._prompt_pages.get(session.id)
             if pages is None:
                 continue
             done = len(pages.keys) if not session.is_prefilling else session.prefilled_tokens // PAGE_TOKENS
             if done > pages.stored:
-                self.prefix_cache.store(pages.keys[:done], session.cache)
+                try:
+                    self.prefix_cache.store(pages.keys[:done], session.cache)
+                except (torch.OutOfMemoryError, RuntimeError):  # a CPU allocation failure is a RuntimeError
+                    log.warning("the prefix cache could not store a prompt; it is emptied", exc_info=True)
+                    self.prefix_cache.clear()
                 pages.stored = done
             if not session.is_prefilling:
                 del self._prompt_pages[session.id]

@@ -189,3 +189,19 @@ def test_the_warm_up_session_leaves_the_default_rules_in_the_cache(tiny_path: Pa
     assert engine.num_running == 0 and engine.prefix_cache.num_tokens > 0
     _, done = run_alone(engine, request("Add 2 and 3."))  # two workers, the default team
     assert done.usage.cached_prompt_tokens > 0
+
+
+def test_a_prefix_cache_out_of_memory_empties_it_and_the_session_goes_on(
+    tiny_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    engine = engine_for(tiny_path)
+    run_alone(engine, request("Multiply 4 by 5."))
+    assert engine.prefix_cache.num_tokens > 0
+
+    def no_memory(keys: list[bytes], cache: SessionCache) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(engine.prefix_cache, "store", no_memory)
+    tokens, done = run_alone(engine, request("Add 2 and 3."))
+    assert tokens and done.finish_reasons == ("length", "length")
+    assert engine.prefix_cache.num_tokens == 0 and "could not store" in caplog.text
