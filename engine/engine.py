@@ -100,7 +100,12 @@ class Engine:
 
     @property
     def cache_bytes(self) -> int:
+        """Bytes the running sessions' KV caches hold."""
         return sum(s.cache.nbytes for s in self._sessions.values())
+
+    @property
+    def prefix_cache_bytes(self) -> int:
+        return self.prefix_cache.nbytes
 
     # ---- admission ----------------------------------------------------------------------------------------
 

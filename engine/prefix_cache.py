@@ -40,6 +40,7 @@ class PrefixCache:
     def __init__(self, capacity_tokens: int) -> None:
         self.capacity_pages = max(0, capacity_tokens) // PAGE_TOKENS
         self._pages: OrderedDict[bytes, _Page] = OrderedDict()
+        self._page_bytes = 0  # every page of one engine has the same shape and dtype
 
     @property
     def num_tokens(self) -> int:
@@ -47,7 +48,7 @@ class PrefixCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(p.keys.nbytes + p.values.nbytes for p in self._pages.values())
+        return len(self._pages) * self._page_bytes
 
     def page_keys(self, token_ids: list[int]) -> list[bytes]:
         """The keys of the prompt's full pages, in order (none when the cache is off)."""
@@ -89,7 +90,8 @@ class PrefixCache:
         for index, key in enumerate(keys):
             if key not in self._pages:
                 span = slice(index * PAGE_TOKENS, (index + 1) * PAGE_TOKENS)
-                self._pages[key] = _Page(cache.common_k[:, :, span].clone(), cache.common_v[:, :, span].clone())
+                page = self._pages[key] = _Page(cache.common_k[:, :, span].clone(), cache.common_v[:, :, span].clone())
+                self._page_bytes = page.keys.nbytes + page.values.nbytes
         self._touch(keys)
         while len(self._pages) > self.capacity_pages:
             self._pages.popitem(last=False)

@@ -148,6 +148,8 @@ class EngineBridge:
         self.context_length: int | None = None
         self.num_running = 0
         self.num_waiting = 0
+        self.kv_cache_bytes = 0
+        self.prefix_cache_bytes = 0
         self._config = settings.engine_config()
         self._max_running = settings.max_sessions
         self._max_requests = settings.max_requests
@@ -247,6 +249,7 @@ class EngineBridge:
             self._route_events(reply.events)
         elif isinstance(reply, Occupancy):
             self.num_running, self.num_waiting = reply.num_running, reply.num_waiting
+            self.kv_cache_bytes, self.prefix_cache_bytes = reply.kv_cache_bytes, reply.prefix_cache_bytes
         elif isinstance(reply, (Accepted, Rejected)):
             session = self._sessions.get(reply.request_id)
             if session is not None:
@@ -329,6 +332,6 @@ class EngineBridge:
     def _fail_sessions(self, message: str, code: str) -> None:
         failed = list(self._sessions.values())
         self._sessions.clear()
-        self.num_running = self.num_waiting = 0
+        self.num_running = self.num_waiting = self.kv_cache_bytes = self.prefix_cache_bytes = 0
         for session in failed:
             session.deliver(ErrorEvent(message, code))

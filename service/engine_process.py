@@ -192,7 +192,8 @@ class EngineLoop:
         self.replies.send(StepEvents([(request_id, ErrorEvent(STEP_FAILED_MESSAGE)) for request_id in failed]))
 
     def _report_occupancy(self) -> None:
-        occupancy = Occupancy(len(self.running), len(self.waiting))
+        engine = self.engine
+        occupancy = Occupancy(len(self.running), len(self.waiting), engine.cache_bytes, engine.prefix_cache_bytes)
         if occupancy != self._reported:
             self.replies.send(occupancy)
             self._reported = occupancy

@@ -87,10 +87,13 @@ class StepEvents:
 
 @dataclass(frozen=True)
 class Occupancy:
-    """How many sessions run inside the engine and how many accepted requests wait for admission."""
+    """How many sessions run inside the engine, how many accepted requests wait for admission, and the memory the
+    engine's caches hold."""
 
     num_running: int
     num_waiting: int
+    kv_cache_bytes: int = 0  # the running sessions' KV caches
+    prefix_cache_bytes: int = 0
 
 
 Reply = Union[LoadProgress, Ready, LoadFailed, Accepted, Rejected, StepEvents, Occupancy]

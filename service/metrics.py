@@ -62,11 +62,22 @@ class Metrics:
     def count_request(self, outcome: str) -> None:
         self.requests[outcome] += 1
 
-    def render(self, num_running: int, num_waiting: int, is_engine_up: bool) -> str:
+    def render(
+        self, num_running: int, num_waiting: int, is_engine_up: bool, kv_cache_bytes: int = 0, prefix_cache_bytes: int = 0
+    ) -> str:
         """The exposition text; the gauges are passed in because the engine owns them."""
         blocks = [
             _block("hogwild_sessions_running", "gauge", "Sessions running in the engine.", [f"{num_running}"]),
             _block("hogwild_sessions_waiting", "gauge", "Accepted requests waiting for a session.", [f"{num_waiting}"]),
+            _block(
+                "hogwild_kv_cache_bytes", "gauge", "Bytes of KV cache the running sessions hold.", [f"{kv_cache_bytes}"]
+            ),
+            _block(
+                "hogwild_prefix_cache_bytes",
+                "gauge",
+                "Bytes of prompt keys/values the prefix cache holds.",
+                [f"{prefix_cache_bytes}"],
+            ),
             _block(
                 "hogwild_engine_up",
                 "gauge",

@@ -115,6 +115,8 @@ async def health(request: Request) -> JSONResponse:
         "engine_pid": bridge.engine_pid,
         "sessions_running": bridge.num_running,
         "sessions_waiting": bridge.num_waiting,
+        "kv_cache_bytes": bridge.kv_cache_bytes,
+        "prefix_cache_bytes": bridge.prefix_cache_bytes,
         "message": bridge.status_message,
     }
     return JSONResponse(body, status_code=200 if is_ready else 503)
@@ -131,5 +133,11 @@ async def list_models(request: Request) -> ModelList:
 @router.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
 async def metrics(request: Request) -> PlainTextResponse:
     bridge = _bridge(request)
-    text = _metrics(request).render(bridge.num_running, bridge.num_waiting, bridge.state is EngineState.READY)
+    text = _metrics(request).render(
+        bridge.num_running,
+        bridge.num_waiting,
+        bridge.state is EngineState.READY,
+        kv_cache_bytes=bridge.kv_cache_bytes,
+        prefix_cache_bytes=bridge.prefix_cache_bytes,
+    )
     return PlainTextResponse(text, media_type=CONTENT_TYPE)

@@ -304,8 +304,11 @@ def test_closing_a_stream_cancels_the_session_in_the_engine(server: str, client:
         received = [json.loads(next(data)) for _ in range(10)]
         assert all("hogwild" in chunk for chunk in received)
         wait_for_sessions(server, running=1)
+        assert metric_values(client.get("/metrics").text)["hogwild_kv_cache_bytes"] > 0
     assert wait_for_sessions(server, running=0, timeout=5.0) < 5.0
-    assert metric_values(client.get("/metrics").text)['hogwild_requests_total{outcome="cancelled"}'] >= 1
+    values = metric_values(client.get("/metrics").text)
+    assert values['hogwild_requests_total{outcome="cancelled"}'] >= 1
+    assert values["hogwild_kv_cache_bytes"] == 0  # the cancelled session's cache is gone
 
 
 def test_dropping_a_non_stream_request_cancels_the_session(server: str, client: httpx.Client) -> None:
@@ -340,6 +343,8 @@ def test_a_repeated_prompt_reuses_its_cached_prefix(client: httpx.Client) -> Non
     prompt, hits = "hogwild_prompt_tokens_total", "hogwild_prompt_cached_tokens_total"
     assert after[prompt] - before.get(prompt, 0) == first["prompt_tokens"] + second["prompt_tokens"]
     assert after[hits] - before.get(hits, 0) == first["prompt_tokens_details"]["cached_tokens"] + cached
+    assert after["hogwild_prefix_cache_bytes"] > 0  # the warm-up's and these prompts' pages
+    assert client.get("/health").json()["prefix_cache_bytes"] == after["hogwild_prefix_cache_bytes"]
 
 
 def test_metrics_count_requests_tokens_and_latencies(server: str, client: httpx.Client) -> None:

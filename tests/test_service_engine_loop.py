@@ -20,13 +20,22 @@ from service.engine_process import STEP_FAILED_MESSAGE, EngineLoop
 from service.messages import Accepted, Cancel, Occupancy, Rejected, Shutdown, StepEvents, Submit
 
 
+SESSION_BYTES = 1000  # the scripted engine's cache per running session
+
+
 class ScriptedEngine:
     """Each session samples one token per step for its one worker, `max_tokens` steps long. Prompt "bad" fails
     the check, prompt "huge" never fits; `fail_steps` makes that many next steps raise."""
 
+    prefix_cache_bytes = 0
+
     def __init__(self) -> None:
         self.sessions: dict[str, list[int]] = {}  # id -> [tokens so far, budget]
         self.fail_steps = 0
+
+    @property
+    def cache_bytes(self) -> int:
+        return SESSION_BYTES * len(self.sessions)
 
     @property
     def num_running(self) -> int:
@@ -130,7 +139,7 @@ def test_waiting_requests_are_admitted_in_order_within_the_running_limit() -> No
     order = [request_id for request_id, event in events_of(replies) if isinstance(event, TokenEvent)]
     assert order == ["a"] * 3 + ["b"] * 3 + ["c"] * 3
     occupancies = [reply for reply in replies if isinstance(reply, Occupancy)]
-    assert occupancies[0] == Occupancy(1, 2)
+    assert occupancies[0] == Occupancy(1, 2, SESSION_BYTES)  # the running session's cache is reported
     assert max(o.num_running for o in occupancies) == 1
 
 
@@ -138,7 +147,7 @@ def test_cancel_drops_a_waiting_request_and_stops_a_running_one() -> None:
     engine = ScriptedEngine()
     with Harness(engine, max_running=1) as harness:
         harness.send(Submit("a", request(max_tokens=10**9)), Submit("b", request()))
-        harness.until(lambda replies: Occupancy(1, 1) in replies)
+        harness.until(lambda replies: Occupancy(1, 1, SESSION_BYTES) in replies)
         harness.send(Cancel("b"), Cancel("a"))
         replies = harness.until(lambda replies: replies[-1] == Occupancy(0, 0))
         assert engine.sessions == {}

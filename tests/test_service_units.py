@@ -211,10 +211,11 @@ def test_metrics_text_is_valid_exposition() -> None:
     metrics.count_request("ok")
     metrics.count_request("queue_full")
     metrics.generated_tokens = 42
-    text = metrics.render(num_running=2, num_waiting=1, is_engine_up=True)
+    text = metrics.render(num_running=2, num_waiting=1, is_engine_up=True, kv_cache_bytes=4096, prefix_cache_bytes=512)
     lines = text.splitlines()
     assert text.endswith("\n")
     assert "hogwild_sessions_running 2" in lines and "hogwild_sessions_waiting 1" in lines
+    assert "hogwild_kv_cache_bytes 4096" in lines and "hogwild_prefix_cache_bytes 512" in lines
     assert 'hogwild_requests_total{outcome="ok"} 2' in lines
     assert 'hogwild_requests_total{outcome="queue_full"} 1' in lines
     assert "hogwild_generated_tokens_total 42" in lines
