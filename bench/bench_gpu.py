@@ -337,10 +337,14 @@ def throughput_row(
     if time.perf_counter() > plan.deadline:
         return f"| {context} | {workers} | skipped (time budget) | | | | |"
     rates: dict[str, float] = {}
+    graphs_failure = "n/a"
     try:
         rates["hogwild"] = hogwild_tokens_per_s(engine, context, workers, plan.steps)
         if graphs:
-            rates["graphs"] = hogwild_tokens_per_s(engine, context, workers, plan.steps, graphs=True)
+            try:
+                rates["graphs"] = hogwild_tokens_per_s(engine, context, workers, plan.steps, graphs=True)
+            except RuntimeError as exc:  # the eager and HF columns still count
+                graphs_failure = f"failed: {type(exc).__name__}: {str(exc)[:80]}"
         rates["hf"] = hf_tokens_per_s(engine.model, context, workers, plan.steps)
     except RuntimeError as exc:  # out of memory included: the other rows still count
         return f"| {context} | {workers} | failed: {type(exc).__name__}: {str(exc)[:80]} | | | | |"
@@ -352,11 +356,11 @@ def throughput_row(
 
     def cell(name: str) -> str:
         if name not in rates:
-            return "n/a"
+            return graphs_failure
         speedup = f" ({rates[name] / base[name]:.2f}x)" if name in base else ""
         return f"{rates[name]:.1f}{speedup}"
 
-    with_graphs = f"{rates['graphs'] / rates['hf']:.2f}" if graphs else "n/a"
+    with_graphs = f"{rates['graphs'] / rates['hf']:.2f}" if "graphs" in rates else "n/a"
     return (
         f"| {context} | {workers} | {cell('hogwild')} | {cell('graphs')} | {cell('hf')} | "
         f"{rates['hogwild'] / rates['hf']:.2f} | {with_graphs} |"
