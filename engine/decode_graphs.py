@@ -167,7 +167,3 @@ class DecodeGraphs:
         while len(self._graphs) > self._max_graphs:
             self._graphs.popitem(last=False)
         return expected
-
-    def clear(self) -> None:
-        self._graphs.clear()
-        self._last_key = None

@@ -63,7 +63,12 @@ class Metrics:
         self.requests[outcome] += 1
 
     def render(
-        self, num_running: int, num_waiting: int, is_engine_up: bool, kv_cache_bytes: int = 0, prefix_cache_bytes: int = 0
+        self,
+        num_running: int,
+        num_waiting: int,
+        is_engine_up: bool,
+        kv_cache_bytes: int = 0,
+        prefix_cache_bytes: int = 0,
     ) -> str:
         """The exposition text; the gauges are passed in because the engine owns them."""
         blocks = [
