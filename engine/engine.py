@@ -62,7 +62,8 @@ class Engine:
         self.graphs: DecodeGraphs | None = None  # replays decode forwards; see engine.decode_graphs
         if self.config.cuda_graphs and model.device.type == "cuda":
             self.graphs = DecodeGraphs(self.forward_logits)
-        self._prompt_pages: dict[str, PromptPages] = {}  # sessions whose prompt is not yet all in the prefix cache
+        # Every prefilling session's prompt pages; an entry leaves when the forward that ends its prefill succeeds.
+        self._prompt_pages: dict[str, PromptPages] = {}
 
     @classmethod
     def load(cls, config: EngineConfig, progress: Callable[[str], None] | None = None) -> Engine:
@@ -217,7 +218,7 @@ class Engine:
         in_flight = {
             key
             for sid, session in self._sessions.items()
-            if session.has_started and sid in self._prompt_pages
+            if session.is_prefilling and session.has_started
             for key in self._prompt_pages[sid].unstored
         }
         scheduled, budget = [], PREFILL_TOKENS_PER_STEP
@@ -228,15 +229,14 @@ class Engine:
                 if session.next_prefill_tokens > budget and budget < PREFILL_TOKENS_PER_STEP:
                     continue
                 budget -= session.next_prefill_tokens
-                if session.id in self._prompt_pages:
-                    in_flight.update(self._prompt_pages[session.id].unstored)
+                in_flight.update(self._prompt_pages[session.id].unstored)
             scheduled.append(session)
         return scheduled
 
     def _waits_for_prefix(self, session: Session, in_flight: set[bytes]) -> bool:
         """Before a session's first prefill: copies the prompt prefix the prefix cache holds into its cache, or
         returns True when its next page is in another session's prefill right now (then nothing is copied yet)."""
-        keys = self._prompt_pages[session.id].keys if session.id in self._prompt_pages else []
+        keys = self._prompt_pages[session.id].keys
         usable = keys[: (session.prompt_len - 1) // PAGE_TOKENS]  # the prompt's last token is always computed
         hit = self.prefix_cache.cached_pages(usable)
         if hit < len(usable) and usable[hit] in in_flight:
@@ -265,18 +265,18 @@ class Engine:
         logits = self.graphs(plan) if self.graphs is not None else self.forward_logits(plan)
         # Every session samples on the device; the chosen tokens reach the host in one transfer, the step's only
         # wait for the device.
-        counts = [sum(run.want_logits for run in runs) for _, runs in active]  # 0 for a long prompt's prefill chunk
-        picks, row = [], 0
-        for (session, _), count in zip(active, counts):
+        picks, takers, row = [], [], 0
+        for session, runs in active:
+            count = sum(run.want_logits for run in runs)  # 0 for a long prompt's prefill chunk
             if count:
                 params = GREEDY if session.is_finishing else session.request.sampling
                 picks.append(sample(logits[row : row + count], params, self._generators[session.id]))
+                takers.append((session, count))
             row += count
         tokens = torch.cat(picks).tolist() if picks else []
         row = 0
-        for (session, _), count in zip(active, counts):
-            if count:
-                session.commit(tokens[row : row + count])
+        for session, count in takers:
+            session.commit(tokens[row : row + count])
             row += count
 
     def _store_prompts(self, sessions: list[Session]) -> None:
