@@ -45,6 +45,11 @@ class Settings(BaseSettings):
         ge=0,
         description="prompt KV tokens kept for reuse by prompts that start alike, on top of the budget (0: off)",
     )
+    cuda_graphs: bool = Field(
+        False,
+        description="replay decode steps from CUDA graphs on a CUDA GPU, each capture checked against an eager step "
+        "(not yet measured on a GPU, so off by default)",
+    )
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="comma-separated origins allowed by CORS (empty: CORS off)"
     )
@@ -70,6 +75,7 @@ class Settings(BaseSettings):
             max_sessions=self.max_sessions,
             cache_budget_tokens=self.cache_budget_tokens,
             prefix_cache_tokens=self.prefix_cache_tokens,
+            cuda_graphs=self.cuda_graphs,
         )
         config.validate()
         return config

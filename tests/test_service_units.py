@@ -65,6 +65,15 @@ def test_settings_read_hogwild_env_and_explicit_values_win(clean_env: pytest.Mon
     assert (settings.host, settings.port) == ("127.0.0.1", 8000)
 
 
+def test_engine_config_carries_every_engine_setting(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("HOGWILD_CUDA_GRAPHS", "true")
+    config = Settings(max_sessions=3, cache_budget_tokens=5000, prefix_cache_tokens=0, dtype="float16").engine_config()
+    assert (config.max_sessions, config.cache_budget_tokens, config.prefix_cache_tokens) == (3, 5000, 0)
+    assert config.dtype == "float16" and config.cuda_graphs is True
+    clean_env.delenv("HOGWILD_CUDA_GRAPHS")
+    assert Settings().engine_config().cuda_graphs is False
+
+
 @pytest.mark.parametrize("values", [{"max_sessions": 0}, {"port": 70000}, {"dtype": "int8"}, {"max_workers": 9}])
 def test_out_of_range_settings_are_refused(clean_env: pytest.MonkeyPatch, values: dict) -> None:
     with pytest.raises(ValidationError):
