@@ -164,6 +164,10 @@ class DecodeGraphs:
             return expected
         self._graphs[key] = _Graph(static, graph, logits)
         self.captures += 1
+        # The first capture says graphs work on this GPU; later ones follow sessions joining, leaving or growing.
+        log.log(logging.INFO if self.captures == 1 else logging.DEBUG,
+                "captured a decode step of %d tokens in a CUDA graph (%d captures so far)",
+                plan.input_ids.shape[1], self.captures)
         while len(self._graphs) > self._max_graphs:
             self._graphs.popitem(last=False)
         return expected

@@ -8,6 +8,7 @@ is tested too.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -78,11 +79,16 @@ def eager(engine_and_eager: tuple[Engine, Tokens]) -> Tokens:
     return engine_and_eager[1]
 
 
-def test_replayed_decode_steps_give_the_same_session(engine: Engine, eager: Tokens) -> None:
+def test_replayed_decode_steps_give_the_same_session(
+    engine: Engine, eager: Tokens, caplog: pytest.LogCaptureFixture
+) -> None:
     assert eager, "the session should sample tokens"
     engine.graphs = graphs = DecodeGraphs(engine.forward_logits, capture=rerun_capture)
-    assert session_tokens(engine) == eager
+    with caplog.at_level(logging.INFO, logger="engine.decode_graphs"):
+        assert session_tokens(engine) == eager
     assert graphs.enabled and graphs.captures >= 1 and graphs.replays >= 4
+    announced = [r for r in caplog.records if r.levelno == logging.INFO and "captured a decode step" in r.message]
+    assert len(announced) == 1, "the first capture is announced, later ones only at debug level"
 
 
 def test_a_replay_that_disagrees_with_the_eager_forward_turns_graphs_off(engine: Engine, eager: Tokens) -> None:
@@ -96,13 +102,15 @@ def test_a_replay_that_disagrees_with_the_eager_forward_turns_graphs_off(engine:
     assert not graphs.enabled and graphs.replays == 0
 
 
-def test_a_failing_capture_turns_graphs_off(engine: Engine, eager: Tokens) -> None:
+def test_a_failing_capture_turns_graphs_off(engine: Engine, eager: Tokens, caplog: pytest.LogCaptureFixture) -> None:
     def failing_capture(forward: Forward, static: ForwardPlan) -> tuple[Rerun, torch.Tensor]:
         raise RuntimeError("operation not permitted when stream is capturing")
 
     engine.graphs = graphs = DecodeGraphs(engine.forward_logits, capture=failing_capture)
-    assert session_tokens(engine) == eager
+    with caplog.at_level(logging.WARNING, logger="engine.decode_graphs"):
+        assert session_tokens(engine) == eager
     assert not graphs.enabled
+    assert any("run eagerly from now on" in r.message for r in caplog.records if r.levelno == logging.WARNING)
 
 
 def decode_plan(cache: SessionCache, step: int) -> ForwardPlan:
