@@ -125,7 +125,10 @@ def engine_path(model: str) -> str:
 
 
 def table(rows: list[Row], args: argparse.Namespace) -> str:
-    device = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or 'CPU'} ({torch.get_num_threads()} threads)"
+    if args.device == "cuda":
+        device = torch.cuda.get_device_name()
+    else:
+        device = f"{platform.processor() or 'CPU'} ({torch.get_num_threads()} threads)"
     lines = [
         f"Model {args.model}, {args.dtype}, {device}; {args.new_tokens} decode steps per run, prefill excluded.",
         "",

@@ -46,9 +46,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFa
 
 from engine import attention
 from engine.attention import ATTENTION_NAME, reference_group_attention
-from engine.decode_graphs import DecodeGraphs
 from engine.cache import SessionCache
 from engine.config import EngineConfig, SamplingParams, SessionRequest
+from engine.decode_graphs import DecodeGraphs
 from engine.engine import Engine
 from engine.events import TokenEvent
 from engine.model import LoadedModel, check_architecture, register_attention

@@ -23,9 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.serving import running_server  # noqa: E402
-from clients.client import AsyncHogwildClient  # noqa: E402
-from clients.errors import HogwildClientError  # noqa: E402
+from bench.serving import running_server
+from clients.client import AsyncHogwildClient
+from clients.errors import HogwildClientError
 
 MAX_SESSIONS = 64
 
@@ -118,16 +118,18 @@ def main() -> None:
            "HOGWILD_MAX_SESSIONS": str(args.sessions), "HOGWILD_MAX_QUEUED": str(args.sessions),
            "HOGWILD_PREFIX_CACHE_TOKENS": "" if args.prefix_cache_tokens is None else str(args.prefix_cache_tokens)}
     with running_server(env) as url:
-        results = [asyncio.run(run_load(url, args, concurrent=False)), asyncio.run(run_load(url, args, concurrent=True))]
+        results = [asyncio.run(run_load(url, args, concurrent=mode)) for mode in (False, True)]
     print(f"\n{args.sessions} sessions x {args.workers} workers x {args.max_tokens} tokens, model {args.model} "
-          f"({args.dtype or 'default dtype'}, {args.device}); {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs\n")
+          f"({args.dtype or 'default dtype'}, {args.device}); {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} CPUs\n")
     print("| mode | seconds | tokens | aggregate tok/s | TTFT p50 (s) | TTFT p99 (s) | prompt cached | errors |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         errors = sum(o.error is not None for o in r.outcomes)
         print(f"| {r.mode} | {r.seconds:.1f} | {r.tokens} | {r.tokens / r.seconds:.1f} | {r.ttft(0.5):.2f} | "
               f"{r.ttft(0.99):.2f} | {r.cached_share:.0%} | {errors} |")
-    print(f"\nConcurrent / one at a time: {results[1].tokens / results[1].seconds / (results[0].tokens / results[0].seconds):.2f}x")
+    one_at_a_time, concurrent = (r.tokens / r.seconds for r in results)
+    print(f"\nConcurrent / one at a time: {concurrent / one_at_a_time:.2f}x")
 
 
 if __name__ == "__main__":

@@ -61,8 +61,9 @@ def tune(device: torch.device) -> dict[str, int]:
     tried: dict[tuple[int, ...], float] = {}
     names = list(CANDIDATES)
     case_names = " | ".join(f"{c // 1024}k x {w} (us)" for c, w in CASES)
+    sdpa = ", ".join(f"{c // 1024}k x {w}: {us:.1f} us" for (c, w), us in baseline.items())
     print(f"Triton attention launch parameters, {device_name(device)}, bfloat16, {QWEN3_8B_HEADS}; GPU time per "
-          f"layer in CUDA graphs. SDPA: " + ", ".join(f"{c // 1024}k x {w}: {us:.1f} us" for (c, w), us in baseline.items()))
+          f"layer in CUDA graphs. SDPA: {sdpa}")
     print(f"\n| {' | '.join(names)} | {case_names} | geomean vs SDPA |")
     print("|" + "---:|" * (len(names) + len(CASES) + 1))
     for name in names:
@@ -79,7 +80,8 @@ def tune(device: torch.device) -> dict[str, int]:
                     print(f"| {' | '.join(str(config[n]) for n in names)} | failed: {type(exc).__name__} |")
                     tried[key] = math.inf
                     continue
-                ratio = math.exp(sum(math.log(m / baseline[case]) for m, case in zip(micros, CASES)) / len(CASES))
+                logs = [math.log(m / baseline[case]) for m, case in zip(micros, CASES, strict=True)]
+                ratio = math.exp(sum(logs) / len(CASES))
                 tried[key] = ratio
                 cells = " | ".join(f"{m:.1f}" for m in micros)
                 print(f"| {' | '.join(str(config[n]) for n in names)} | {cells} | {ratio:.2f} |", flush=True)
@@ -87,7 +89,8 @@ def tune(device: torch.device) -> dict[str, int]:
         best[name] = min(scores, key=scores.get)
     for n, v in best.items():
         setattr(kernel, n, v)
-    print("\nBest: " + ", ".join(f"{n} = {v}" for n, v in best.items()) + f" (geomean {tried[tuple(best.values())]:.2f}x SDPA)")
+    chosen = ", ".join(f"{n} = {v}" for n, v in best.items())
+    print(f"\nBest: {chosen} (geomean {tried[tuple(best.values())]:.2f}x SDPA)")
     return best
 
 

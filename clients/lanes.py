@@ -164,7 +164,8 @@ class _TtyView:
         color = COLORS[worker % len(COLORS)]
         rows = wrap_tail(self._steps[worker], self._text_width, self._lane_rows)
         labels = [self._names[worker].ljust(self._label_width)] + [" " * self._label_width] * (len(rows) - 1)
-        return [f"\x1b[{color}m{BOLD}{label}{RESET} \x1b[{color}m▌{RESET} {row}" for label, row in zip(labels, rows)]
+        bar = f"\x1b[{color}m▌{RESET}"
+        return [f"\x1b[{color}m{BOLD}{label}{RESET} {bar} {row}" for label, row in zip(labels, rows, strict=False)]
 
 
 def wrap_tail(segments: list[tuple[str, bool]], width: int, num_rows: int) -> list[str]:
@@ -211,7 +212,7 @@ def summary(answer: str | None, usage: dict[str, Any] | None, names: list[str], 
     if usage:
         per_worker = usage.get("completion_tokens_per_worker") or []
         steps = usage.get("steps_per_worker") or []
-        tokens = ", ".join(f"{n} {t}" for n, t in zip(names, per_worker))
+        tokens = ", ".join(f"{n} {t}" for n, t in zip(names, per_worker, strict=False))
         rate = usage["completion_tokens"] / elapsed_s if elapsed_s > 0 else 0.0
         cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
         lines.append(

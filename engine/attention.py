@@ -104,7 +104,7 @@ def reference_group_attention(
 ) -> torch.Tensor:
     """Token by token: explicit view with keys re-rotated to view positions, then plain softmax attention."""
     cache = group.cache
-    num_q_heads, n, dim = q.shape
+    num_q_heads, n, _ = q.shape
     num_kv = cache.common_k.shape[1]
     out = torch.empty_like(q)
     for i in range(n):

@@ -21,10 +21,10 @@ from engine import prompts
 from engine.attention import default_attention
 from engine.cache import SessionCache
 from engine.config import EngineConfig, SamplingParams, SessionRequest
+from engine.decode_graphs import DecodeGraphs
 from engine.errors import CapacityError, ContextLengthError, InvalidRequestError
 from engine.events import ErrorEvent, Event, WorkerView
 from engine.model import LoadedModel, load_model
-from engine.decode_graphs import DecodeGraphs
 from engine.plan import ForwardPlan, build_forward
 from engine.prefix_cache import PAGE_TOKENS, PrefixCache
 from engine.sampling import make_generator, sample

@@ -7,7 +7,7 @@ reported together with the token that completes it, so `token_ids` may hold more
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Literal, Union
+from typing import Literal
 
 FinishReason = Literal["stop", "length", "abort"]
 InsertReason = Literal["header", "intervention", "finisher"]
@@ -140,4 +140,4 @@ class ErrorEvent:
         return asdict(self)
 
 
-Event = Union[TokenEvent, InsertedEvent, StepEndEvent, AnswerEvent, DoneEvent, ErrorEvent]
+Event = TokenEvent | InsertedEvent | StepEndEvent | AnswerEvent | DoneEvent | ErrorEvent

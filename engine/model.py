@@ -80,7 +80,7 @@ def resolve_model_path(model: str, progress: Progress | None = None) -> str:
         from engine.default_model import ensure_default_model
 
         return str(ensure_default_model(progress))
-    if os.path.isdir(model) or not Path(model).is_absolute() and "/" in model and not model.startswith("."):
+    if os.path.isdir(model) or (not Path(model).is_absolute() and "/" in model and not model.startswith(".")):
         return model
     raise ModelNotFoundError(f"model '{model}' is neither a local folder nor a hub id (owner/name)")
 
@@ -113,7 +113,8 @@ def load_model(config: EngineConfig, progress: Progress | None = None) -> Loaded
         inv_freq=rotary.inv_freq.detach().to(device, torch.float32),
         num_layers=model_config.num_hidden_layers,
         num_kv_heads=model_config.num_key_value_heads,
-        head_dim=getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads,
+        head_dim=getattr(model_config, "head_dim", None)
+        or model_config.hidden_size // model_config.num_attention_heads,
         context_length=context,
         eos_token_ids=_eos_ids(model, tokenizer),
     )

@@ -129,7 +129,7 @@ def build_group(
     )
     packed = torch.cat([t.flatten() for t in tables]).to(device).split([t.numel() for t in tables])
     vis_d, delta_d, common_rows, common_pos, small_rows, small_block, small_pos = (
-        part.view(t.shape) for part, t in zip(packed, tables)
+        part.view(t.shape) for part, t in zip(packed, tables, strict=True)
     )
     cos, sin = cos_sin(delta_d, inv_freq, dtype)  # (B, n, D)
     return GroupPlan(

@@ -18,8 +18,9 @@ LINEAR_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 def rope_type_of(config: object) -> str:
     """The config's RoPE type; raises UnsupportedModelError for models without RoPE."""
     params = getattr(config, "rope_parameters", None)
-    if not isinstance(params, dict) or "rope_theta" not in params and "rope_type" not in params:
-        raise UnsupportedModelError(f"model type '{getattr(config, 'model_type', '?')}' has no rotary position embeddings")
+    if not isinstance(params, dict) or ("rope_theta" not in params and "rope_type" not in params):
+        model_type = getattr(config, "model_type", "?")
+        raise UnsupportedModelError(f"model type '{model_type}' has no rotary position embeddings")
     return str(params.get("rope_type", "default"))
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 
 STEP_SEPARATOR = "\n\n"
-SENTENCE_ENDINGS = (".", "?", "!", "。", "？", "！")
-TRAILING_CLOSERS = "\"')]*_”’»`"  # may follow the sentence end: quotes, brackets, emphasis
+SENTENCE_ENDINGS = (".", "?", "!", "。", "？", "！")  # noqa: RUF001 - CJK full stops end sentences too
+TRAILING_CLOSERS = "\"')]*_”’»`"  # noqa: RUF001 - may follow the sentence end: quotes, brackets, emphasis
 FENCE = re.compile(r"^[ \t]*(```|~~~)", re.MULTILINE)
 BOXED = "\\boxed{"
 

@@ -218,7 +218,7 @@ def triton_group_attention(
     if dim not in SUPPORTED_HEAD_DIMS:
         raise UnsupportedModelError(f"the Triton attention supports head_dim {SUPPORTED_HEAD_DIMS}, not {dim}")
     assert num_q_heads % num_kv == 0, "query heads must be a multiple of KV heads"
-    assert chunk_keys is None or chunk_keys > 0 and chunk_keys % BLOCK_N == 0, "chunk_keys must be a BLOCK_N multiple"
+    assert chunk_keys is None or (chunk_keys > 0 and chunk_keys % BLOCK_N == 0), "chunk_keys must be a BLOCK_N multiple"
     q = q if q.stride(-1) == 1 else q.contiguous()
     num_groups = num_q_heads // num_kv
     rows = num_groups * n

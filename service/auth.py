@@ -4,7 +4,7 @@ wraps a streaming response."""
 from __future__ import annotations
 
 import secrets
-from typing import Callable
+from collections.abc import Callable
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 

@@ -10,13 +10,14 @@ blocks the loop: spawning and joining the process run in the default executor, a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import multiprocessing
 import threading
 import time
 import uuid
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from engine.config import EngineConfig, SessionRequest
 from engine.events import DoneEvent, ErrorEvent, Event, TokenEvent
@@ -48,7 +49,7 @@ STOP_TIMEOUT_SECONDS = 10.0
 ENGINE_LOST_MESSAGE = "the engine process stopped unexpectedly; it is restarting, retry shortly"
 
 
-class EngineState(str, enum.Enum):
+class EngineState(enum.StrEnum):
     STOPPED = "stopped"
     LOADING = "loading"
     READY = "ready"
@@ -121,7 +122,7 @@ class EngineProcess:
                     break
             except (EOFError, OSError):
                 break
-            except Exception:  # noqa: BLE001 - a garbled reply means the engine cannot be trusted any more
+            except Exception:  # a garbled reply means the engine cannot be trusted any more
                 logger.exception("reading from the engine process failed; restarting it")
                 break
         on_exit()
@@ -237,10 +238,8 @@ class EngineBridge:
     def _threadsafe(self, callback: Callable[..., None], *args: object) -> None:
         """Runs `callback` on the event loop; called from the reader thread."""
         assert self._loop is not None
-        try:
+        with contextlib.suppress(RuntimeError):  # the loop closed during shutdown; nobody waits for this reply
             self._loop.call_soon_threadsafe(callback, *args)
-        except RuntimeError:
-            pass  # the loop closed during shutdown; nobody waits for this reply any more
 
     def _dispatch(self, process: EngineProcess, reply: Reply) -> None:
         if process is not self._process or self._is_stopping:

@@ -11,7 +11,7 @@ import logging
 import socket
 import sys
 import typing
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import uvicorn
 from pydantic import ValidationError

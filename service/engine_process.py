@@ -54,7 +54,7 @@ def run_engine_process(config: EngineConfig, max_running: int, commands: Queue[C
     except HogwildError as error:
         replies.send(LoadFailed(error.code, error.message))
         return
-    except Exception as error:  # noqa: BLE001 - any load fault must reach the user as a message
+    except Exception as error:  # any load fault must reach the user as a message
         logger.exception("loading the model failed")
         replies.send(LoadFailed("load_failed", f"loading the model failed: {type(error).__name__}: {error}"))
         return
@@ -62,7 +62,7 @@ def run_engine_process(config: EngineConfig, max_running: int, commands: Queue[C
         replies.send(LoadProgress("warming up: a first short session"))
         try:
             engine.warm_up()
-        except Exception as error:  # noqa: BLE001 - a model that cannot run a short session cannot serve
+        except Exception as error:  # a model that cannot run a short session cannot serve
             logger.exception("the warm-up session failed")
             message = f"the model failed its first session: {type(error).__name__}: {error}"
             replies.send(LoadFailed("load_failed", message))
@@ -134,7 +134,7 @@ class EngineLoop:
         except HogwildError as error:
             self.replies.send(Rejected(submit.request_id, error.code, error.message, error.param))
             return
-        except Exception:  # noqa: BLE001 - a fault in one request's check must not stop the engine
+        except Exception:  # a fault in one request's check must not stop the engine
             logger.exception("checking request %s failed", submit.request_id)
             self.replies.send(
                 Rejected(submit.request_id, "engine_error", "the engine could not check the request", None)
@@ -157,7 +157,7 @@ class EngineLoop:
             except HogwildError as error:
                 self._fail_waiting(request_id, error.message, error.code)
                 continue
-            except Exception:  # noqa: BLE001
+            except Exception:
                 logger.exception("admitting request %s failed", request_id)
                 self._fail_waiting(request_id, STEP_FAILED_MESSAGE, "engine_error")
                 continue
@@ -171,7 +171,7 @@ class EngineLoop:
     def _step(self) -> None:
         try:
             events = self.engine.step()
-        except Exception:  # noqa: BLE001 - fail the running sessions, keep serving new ones
+        except Exception:  # fail the running sessions, keep serving new ones
             logger.exception("engine step failed")
             self._fail_running()
             return
@@ -187,7 +187,7 @@ class EngineLoop:
         for request_id in failed:
             try:
                 self.engine.cancel(request_id)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 logger.exception("cancelling request %s after a failed step failed", request_id)
         self.replies.send(StepEvents([(request_id, ErrorEvent(STEP_FAILED_MESSAGE)) for request_id in failed]))
 

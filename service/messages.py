@@ -8,7 +8,6 @@ request is known before its first stream byte.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
 
 from engine.config import SessionRequest
 from engine.events import Event
@@ -34,7 +33,7 @@ class Shutdown:
     """Leave the engine loop and exit the process."""
 
 
-Command = Union[Submit, Cancel, Shutdown]
+Command = Submit | Cancel | Shutdown
 
 
 @dataclass(frozen=True)
@@ -96,4 +95,4 @@ class Occupancy:
     prefix_cache_bytes: int = 0
 
 
-Reply = Union[LoadProgress, Ready, LoadFailed, Accepted, Rejected, StepEvents, Occupancy]
+Reply = LoadProgress | Ready | LoadFailed | Accepted | Rejected | StepEvents | Occupancy

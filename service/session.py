@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Callable, Union
+from collections.abc import Callable
 
 from engine.events import AnswerEvent, DoneEvent, Event, InsertedEvent, StepEndEvent, TokenEvent, Usage
 from service.messages import Accepted, Rejected
 from service.metrics import Metrics
 
-SessionMessage = Union[Accepted, Rejected, Event]
+SessionMessage = Accepted | Rejected | Event
 
 
 class Session:
@@ -73,7 +73,7 @@ class Session:
             return self._queue.get_nowait()
         try:
             return await asyncio.wait_for(self._queue.get(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return None
 
     def close(self) -> None:

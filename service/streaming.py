@@ -9,7 +9,7 @@ every keep-alive interval.
 from __future__ import annotations
 
 import json
-from typing import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
 
 from engine.events import AnswerEvent, DoneEvent, Event, InsertedEvent, StepEndEvent, TokenEvent
 from service.errors import STATUS_BY_CODE, error_body

@@ -17,9 +17,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import Iterator
 
 import httpx
 
@@ -50,7 +50,9 @@ class LiveServer:
         self._args = list(args or [])
         self._wait_ready = wait_ready
         self._timeout = timeout
-        self._log_file = tempfile.NamedTemporaryFile(prefix="hogwild-server-", suffix=".log", delete=False)
+        self._log_file = tempfile.NamedTemporaryFile(  # noqa: SIM115 - the server's output, open until __exit__
+            prefix="hogwild-server-", suffix=".log", delete=False
+        )
         self.process: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> str:
@@ -69,7 +71,10 @@ class LiveServer:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self.stop()
+        try:
+            self.stop()
+        finally:
+            self._log_file.close()  # the server holds its own descriptor; log() reads the file by name
 
     def log(self) -> str:
         return Path(self._log_file.name).read_text(errors="replace")

@@ -12,7 +12,13 @@ from transformers import AutoModelForCausalLM
 
 from engine.config import EngineConfig, SamplingParams, SessionRequest
 from engine.engine import Engine
-from engine.errors import CapacityError, ContextLengthError, InvalidRequestError, ModelNotFoundError, UnsupportedModelError
+from engine.errors import (
+    CapacityError,
+    ContextLengthError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    UnsupportedModelError,
+)
 from engine.events import DoneEvent, ErrorEvent, StepEndEvent, TokenEvent
 from engine.model import resolve_device_dtype
 
@@ -82,7 +88,8 @@ def test_fast_and_reference_attention_give_the_same_session(real_engine: Engine)
 def test_same_seed_gives_the_same_output(tiny_engine: Engine) -> None:
     def run(seed: int) -> dict[int, list[int]]:
         sampling = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=seed)
-        return tokens_by_worker(list(tiny_engine.generate(SessionRequest(prompt=TASK, num_workers=2, max_tokens=12, sampling=sampling))))
+        request = SessionRequest(prompt=TASK, num_workers=2, max_tokens=12, sampling=sampling)
+        return tokens_by_worker(list(tiny_engine.generate(request)))
 
     assert run(7) == run(7)
     assert run(7) != run(8)
@@ -91,7 +98,9 @@ def test_same_seed_gives_the_same_output(tiny_engine: Engine) -> None:
 def test_sessions_batched_together_match_solo_runs(tiny_engine: Engine) -> None:
     requests = {
         "a": SessionRequest(prompt=TASK, num_workers=2, max_tokens=10, sampling=GREEDY, final_answer=False),
-        "b": SessionRequest(prompt="Name three primes.", num_workers=3, max_tokens=6, sampling=GREEDY, final_answer=False),
+        "b": SessionRequest(
+            prompt="Name three primes.", num_workers=3, max_tokens=6, sampling=GREEDY, final_answer=False
+        ),
     }
     solo = {name: tokens_by_worker(list(tiny_engine.generate(r))) for name, r in requests.items()}
     for name, request in requests.items():
@@ -213,12 +222,18 @@ def test_unknown_model_is_refused(tmp_path: Path) -> None:
         ("llama", {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}}, "dynamic"),
         (
             "llama",
-            {"rope_parameters": {"rope_type": "linear", "rope_theta": 1e4, "factor": 1.0, "partial_rotary_factor": 0.5}},
+            {
+                "rope_parameters": {
+                    "rope_type": "linear", "rope_theta": 1e4, "factor": 1.0, "partial_rotary_factor": 0.5
+                }
+            },
             "partial",
         ),
     ],
 )
-def test_models_that_cannot_be_re_rotated_are_refused(tiny_model_factory, family: str, overrides: dict, reason: str) -> None:
+def test_models_that_cannot_be_re_rotated_are_refused(
+    tiny_model_factory, family: str, overrides: dict, reason: str
+) -> None:
     with pytest.raises(UnsupportedModelError, match=reason):
         engine_for(tiny_model_factory(family, **overrides))
 

@@ -60,7 +60,7 @@ def test_blocks_written_in_flat_order_equal_a_plain_forward(tiny_model_factory, 
 
     hogwild = forward(loaded, cache, flat_order_runs(blocks))
     with torch.inference_mode():
-        reference = plain(input_ids=torch.tensor([sum(blocks, [])])).logits[0]
+        reference = plain(input_ids=torch.tensor([[t for block in blocks for t in block]])).logits[0]
 
     torch.testing.assert_close(hogwild, reference, atol=1e-4, rtol=1e-4)
 
@@ -77,7 +77,7 @@ def test_rope_variants_re_rotate_exactly(tiny_model_factory, rope: str) -> None:
     forward(loaded, cache, runs[:2])
     last = forward(loaded, cache, runs[2:])  # the last block alone, over the stored cache
     with torch.inference_mode():
-        reference = plain(input_ids=torch.tensor([sum(blocks, [])])).logits[0, -len(blocks[2]) :]
+        reference = plain(input_ids=torch.tensor([[t for block in blocks for t in block]])).logits[0, -len(blocks[2]) :]
 
     torch.testing.assert_close(last, reference, atol=1e-4, rtol=1e-4)
 

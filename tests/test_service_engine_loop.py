@@ -19,7 +19,6 @@ from engine.events import DoneEvent, ErrorEvent, Event, TokenEvent, Usage
 from service.engine_process import STEP_FAILED_MESSAGE, EngineLoop
 from service.messages import Accepted, Cancel, Occupancy, Rejected, Shutdown, StepEvents, Submit
 
-
 SESSION_BYTES = 1000  # the scripted engine's cache per running session
 
 

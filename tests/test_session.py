@@ -65,7 +65,8 @@ def test_history_holds_finished_steps_in_the_order_they_finish(tokenizer) -> Non
     assert ends == [(1, 1), (0, 1), (1, 2)]
     assert session.history == [(1, 1), (0, 1), (1, 2)]
     history_text = tokenizer.decode(session.common.ids[prompt_len:])
-    assert history_text.index("**Bob [1]:**") < history_text.index("**Alice [1]:**") < history_text.index("**Bob [2]:**")
+    headers = [history_text.index(header) for header in ("**Bob [1]:**", "**Alice [1]:**", "**Bob [2]:**")]
+    assert headers == sorted(headers)
     assert session.cache.lengths[0] == len(session.common)
     assert session.cache.lengths[FIRST_STEP_BLOCK + 1] == len(session.workers[1].block)
 
@@ -99,7 +100,8 @@ def test_no_redundancy_check_when_disabled(tokenizer) -> None:
 
 def test_a_boxed_answer_ends_the_session(tokenizer) -> None:
     session = make_session(tokenizer, num_workers=2, max_tokens=50)
-    events = drive(session, tokenizer, [[" so", " x"], [" \\", " y"], ["box", " z"], ["ed", " q"], ["{", " w"], ["7", " v"], ["}", " u"]])
+    pieces = [[" so", " x"], [" \\", " y"], ["box", " z"], ["ed", " q"], ["{", " w"], ["7", " v"], ["}", " u"]]
+    events = drive(session, tokenizer, pieces)
     answers = [e for e in events if isinstance(e, AnswerEvent)]
     assert [(a.worker, a.text) for a in answers] == [(0, "7")]
     done = events[-1]
@@ -158,6 +160,6 @@ def test_views_mark_sampled_tokens(tokenizer) -> None:
     session.runs()  # feeds the last samples into the cache
     view = session.view(0)
     assert len(view.token_ids) == len(view.is_sampled)
-    sampled = [t for t, s in zip(view.token_ids, view.is_sampled) if s]
+    sampled = [t for t, s in zip(view.token_ids, view.is_sampled, strict=True) if s]
     assert tokenizer.decode(sampled) == " b d a c"  # Bob's step comes before Alice's own step in her view
     assert view.token_ids[-1] == token(tokenizer, " c")

@@ -16,21 +16,20 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from triton_mode import triton_device
 
 DEVICE = triton_device()
 pytest.importorskip("triton", reason="Triton is not installed; the Triton attention tests need it (pip install triton)")
 
-from engine import attention
-from engine.attention import fast_group_attention, reference_group_attention
-from engine.cache import SessionCache
-from engine.config import EngineConfig, SamplingParams, SessionRequest
-from engine.engine import Engine
-from engine.errors import UnsupportedModelError
-from engine.events import TokenEvent
-from engine.plan import GroupPlan, Run, build_forward
-from engine.triton_attention import BLOCK_N, triton_group_attention
+from engine import attention  # noqa: E402
+from engine.attention import fast_group_attention, reference_group_attention  # noqa: E402
+from engine.cache import SessionCache  # noqa: E402
+from engine.config import EngineConfig, SamplingParams, SessionRequest  # noqa: E402
+from engine.engine import Engine  # noqa: E402
+from engine.errors import UnsupportedModelError  # noqa: E402
+from engine.events import TokenEvent  # noqa: E402
+from engine.plan import GroupPlan, Run, build_forward  # noqa: E402
+from engine.triton_attention import BLOCK_N, triton_group_attention  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}

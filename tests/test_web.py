@@ -191,7 +191,8 @@ def test_sse_parser_keeps_partial_events_across_reads(page: Page) -> None:
     payloads = page.evaluate(
         """async () => {
             const { SSEParser } = await import('./sse.js');
-            const bytes = new TextEncoder().encode(': ping\\r\\n\\r\\ndata: {"a":"漢"}\\r\\n\\r\\ndata: x\\ndata: y\\r\\rdata: [DONE]\\n\\n');
+            const bytes = new TextEncoder().encode(
+                ': ping\\r\\n\\r\\ndata: {"a":"漢"}\\r\\n\\r\\ndata: x\\ndata: y\\r\\rdata: [DONE]\\n\\n');
             const parser = new SSEParser();
             const out = [];
             for (const byte of bytes) out.push(...parser.feed(new Uint8Array([byte])));
