@@ -60,8 +60,11 @@ class Engine:
         self._reserved: dict[str, int] = {}
         self.prefix_cache = PrefixCache(self.config.prefix_cache_tokens)
         self.graphs: DecodeGraphs | None = None  # replays decode forwards; see engine.decode_graphs
-        if self.config.cuda_graphs and model.device.type == "cuda":
+        if self.config.cuda_graphs and model.device.type == "cuda" and self.attention == "triton":
             self.graphs = DecodeGraphs(self.forward_logits)
+        elif self.config.cuda_graphs:
+            log.warning("decode graphs replay the Triton attention on a CUDA device (this engine: %s, %s attention); "
+                        "decode steps run eagerly", model.device, self.attention)
         # Every prefilling session's prompt pages; an entry leaves when the forward that ends its prefill succeeds.
         self._prompt_pages: dict[str, PromptPages] = {}
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 from pathlib import Path
 
 import pytest
@@ -299,3 +300,14 @@ def test_prompts_join_a_step_while_they_fit_its_prefill_budget(
     while tiny_engine.num_running:
         tiny_engine.step()
     assert started == expected
+
+
+def test_decode_graphs_asked_for_off_a_cuda_device_are_declined_with_a_warning(
+    tiny_engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="engine.engine"):
+        engine = Engine(tiny_engine.model, EngineConfig(cuda_graphs=True))
+    assert engine.graphs is None
+    assert any("decode steps run eagerly" in r.message for r in caplog.records)
+    events = list(engine.generate(SessionRequest(prompt=TASK, num_workers=2, max_tokens=3, sampling=GREEDY)))
+    assert isinstance(events[-1], DoneEvent)
