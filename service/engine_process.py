@@ -91,6 +91,7 @@ class EngineLoop:
         self._reported = Occupancy(0, 0)
 
     def run(self) -> None:
+        self._report_occupancy()  # what the engine already holds (the warm-up's prefix pages) before any request
         while True:
             is_idle = not self.running and not self.waiting
             for command in self._receive(block=is_idle):

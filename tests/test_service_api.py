@@ -329,6 +329,7 @@ def test_health_reports_ready_engine(server: str) -> None:
     assert response.status_code == 200
     body = response.json()
     assert body["status"] == "ok" and body["model"] and body["context_length"] > 0 and body["engine_pid"] > 0
+    assert body["prefix_cache_bytes"] > 0, "the warm-up session's prompt pages are held from the start"
 
 
 def test_a_repeated_prompt_reuses_its_cached_prefix(client: httpx.Client) -> None:

@@ -131,6 +131,14 @@ def test_every_submit_is_answered_before_its_events() -> None:
     assert isinstance(events[-1][1], DoneEvent)
 
 
+def test_the_caches_held_before_any_request_are_reported_at_once() -> None:
+    engine = ScriptedEngine()
+    engine.prefix_cache_bytes = 4096  # say, the warm-up session's prompt pages
+    with Harness(engine) as harness:
+        replies = harness.until(lambda replies: len(replies) > 0)
+    assert replies[0] == Occupancy(0, 0, 0, 4096)
+
+
 def test_waiting_requests_are_admitted_in_order_within_the_running_limit() -> None:
     with Harness(ScriptedEngine(), max_running=1) as harness:
         harness.send(*[Submit(name, request()) for name in "abc"])
