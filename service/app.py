@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from starlette.staticfiles import StaticFiles
+from fastapi.responses import FileResponse
 
 from service.auth import ApiKeyMiddleware
 from service.bridge import EngineBridge
@@ -66,7 +66,7 @@ def create_app(
         )
     app.include_router(router)
     _document_400_not_422(app)
-    _mount_demo(app)
+    _serve_demo(app)
     return app
 
 
@@ -96,13 +96,24 @@ def demo_directory() -> Path | None:
     return None
 
 
-def _mount_demo(app: FastAPI) -> None:
-    """Serves the browser demo at "/" (mounted last: it matches every path the API does not)."""
+def _serve_demo(app: FastAPI) -> None:
+    """Serves the browser demo: index.html at "/" and each file of its folder at "/<name>". One route per file
+    rather than a catch-all mount, so a path the API knows answered with the wrong method still gets 405."""
     folder = demo_directory()
     if folder is not None:
-        app.mount("/", StaticFiles(directory=folder, html=True), name="demo")
+        for path in sorted(folder.iterdir()):
+            if path.is_file():
+                app.add_api_route(f"/{path.name}", _file_endpoint(path), methods=["GET"], include_in_schema=False)
+        app.add_api_route("/", _file_endpoint(folder / "index.html"), methods=["GET"], include_in_schema=False)
         return
 
     @app.get("/", include_in_schema=False)
     async def demo_missing() -> None:
         raise APIError(404, "the browser demo is not installed: clients/web/index.html was not found", "demo_missing")
+
+
+def _file_endpoint(path: Path) -> Callable[[], Awaitable[FileResponse]]:
+    async def serve_file() -> FileResponse:
+        return FileResponse(path)
+
+    return serve_file

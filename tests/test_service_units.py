@@ -131,6 +131,23 @@ def test_root_says_clearly_when_the_demo_is_missing(clean_env: pytest.MonkeyPatc
     assert served.status_code == 200 and served.text == "<h1>demo</h1>"
 
 
+def test_the_demo_files_are_served_and_api_paths_keep_their_method_errors(clean_env: pytest.MonkeyPatch) -> None:
+    client = TestClient(create_app(Settings()))  # the installed demo (clients/web)
+    index = client.get("/")
+    assert index.status_code == 200 and "text/html" in index.headers["content-type"]
+    assert client.get("/index.html").text == index.text
+    script = client.get("/app.js")
+    assert script.status_code == 200 and "javascript" in script.headers["content-type"]
+    assert "SSEParser" in script.text
+    assert client.get("/style.css").headers["content-type"].startswith("text/css")
+    wrong_method = client.get("/v1/hogwild/completions")
+    assert wrong_method.status_code == 405 and wrong_method.json()["error"]["message"] == "Method Not Allowed"
+    assert client.delete("/health").status_code == 405
+    unknown = client.get("/no-such-file.js")
+    assert unknown.status_code == 404 and "error" in unknown.json()
+    assert client.get("/../pyproject.toml").status_code == 404
+
+
 def parse_frames(frames: list[bytes]) -> list[dict | str]:
     payloads = []
     for data in frames:
