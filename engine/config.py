@@ -82,14 +82,14 @@ class SessionRequest:
         names = self.worker_names or ()
         if len(names) != self.num_workers:
             raise InvalidRequestError("worker_names must give one name per worker", "worker_names")
-        if len(set(names)) != len(names):
-            raise InvalidRequestError("worker_names must be distinct", "worker_names")
         for name in names:
             if not name.strip() or len(name) > MAX_WORKER_NAME_CHARS or any(c in name for c in "\n\r*[]"):
                 raise InvalidRequestError(
                     f"each worker name must be 1..{MAX_WORKER_NAME_CHARS} characters without newlines, '*' or brackets",
                     "worker_names",
                 )
+        if len(set(names)) != len(names):
+            raise InvalidRequestError("worker_names must be distinct", "worker_names")
 
 
 @dataclass(frozen=True)

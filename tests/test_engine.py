@@ -176,6 +176,11 @@ def test_bad_input_is_refused_before_any_work(tiny_engine: Engine, fields: dict,
     assert tiny_engine.num_running == 0
 
 
+def test_each_worker_name_is_checked_before_their_distinctness() -> None:
+    with pytest.raises(InvalidRequestError, match="characters without newlines"):
+        SessionRequest(prompt=TASK, num_workers=2, worker_names=("", "")).validate()
+
+
 def test_a_session_that_cannot_fit_the_context_is_refused(tiny_engine: Engine) -> None:
     request = SessionRequest(prompt=TASK, num_workers=4, max_tokens=1500)  # 4 x 1500 > 4096
     with pytest.raises(ContextLengthError, match="context of 4096"):
