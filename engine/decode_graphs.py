@@ -81,13 +81,18 @@ def static_plan(plan: ForwardPlan) -> ForwardPlan:
     return dataclasses.replace(plan, groups=groups, **{name: getattr(plan, name).clone() for name in _PLAN_INPUTS})
 
 
-def load(static: ForwardPlan, plan: ForwardPlan) -> None:
-    """Copies `plan`'s tables into `static`'s tensors (same key, so the same shapes)."""
-    for name in _PLAN_INPUTS:
-        getattr(static, name).copy_(getattr(plan, name))
-    for target, source in zip(static.groups, plan.groups, strict=True):
-        for name in _GROUP_INPUTS:
-            getattr(target, name).copy_(getattr(source, name))
+def inputs(plan: ForwardPlan) -> list[torch.Tensor]:
+    """The plan's tables a replay reads, in a fixed order: what a graph keeps of its static plan."""
+    tables = [getattr(plan, name) for name in _PLAN_INPUTS]
+    for group in plan.groups:
+        tables.extend(getattr(group, name) for name in _GROUP_INPUTS)
+    return tables
+
+
+def load(static_inputs: list[torch.Tensor], plan: ForwardPlan) -> None:
+    """Copies `plan`'s tables into a graph's input tensors (same key, so the same shapes)."""
+    for target, source in zip(static_inputs, inputs(plan), strict=True):
+        target.copy_(source)
 
 
 _PLAN_INPUTS = ("input_ids", "position_ids", "logit_rows")
@@ -110,7 +115,8 @@ def cuda_capture(forward: Forward, static: ForwardPlan) -> tuple[torch.cuda.CUDA
 
 @dataclass
 class _Graph:
-    plan: ForwardPlan  # static: refilled before each replay
+    inputs: list[torch.Tensor]  # the static plan's tables, refilled before each replay; not the plan itself, which
+    # would keep its sessions' caches alive after they end (the graph only holds their addresses)
     graph: Replayable
     logits: torch.Tensor  # written by each replay
 
@@ -136,7 +142,7 @@ class DecodeGraphs:
         entry = self._graphs.get(key)
         if entry is not None:
             self._graphs.move_to_end(key)
-            load(entry.plan, plan)
+            load(entry.inputs, plan)
             entry.graph.replay()
             self.replays += 1
             return entry.logits
@@ -162,7 +168,7 @@ class DecodeGraphs:
                         "run eagerly from now on", error, bound)
             self.enabled = False
             return expected
-        self._graphs[key] = _Graph(static, graph, logits)
+        self._graphs[key] = _Graph(inputs(static), graph, logits)
         self.captures += 1
         # The first capture says graphs work on this GPU; later ones follow sessions joining, leaving or growing.
         log.log(logging.INFO if self.captures == 1 else logging.DEBUG,

@@ -8,7 +8,9 @@ is tested too.
 
 from __future__ import annotations
 
+import gc
 import logging
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -136,6 +138,28 @@ def test_keys_hold_across_growing_views_and_change_when_a_cache_grows() -> None:
     assert plan_key(decode_plan(cache, 5)) != key
     prefill = build_forward([(cache, [Run(0, 30, (1, 2), ())])], torch.ones(32), torch.float32, "triton")
     assert not graphable(prefill)  # prompt chunks run eagerly
+
+
+class Recorded:
+    """A graph stand-in that, like a CUDA graph, keeps no Python reference to what it was captured over."""
+
+    def replay(self) -> None:
+        pass
+
+
+def test_a_graph_keeps_no_session_cache_alive() -> None:
+    """A graph outliving its sessions must not hold their KV memory: it keeps only its own input tables."""
+    cache = SessionCache(1, 2, 64, 2, torch.float32, torch.device("cpu"), common_capacity=40, small_capacity=16)
+    cache.lengths = [30, 0, 0]
+    tensors = [weakref.ref(t) for t in (cache.common_k, cache.common_v, cache.small_k, cache.small_v)]
+    graphs = DecodeGraphs(lambda plan: torch.zeros(plan.logit_rows.numel(), 8),
+                          capture=lambda forward, static: (Recorded(), forward(static)))
+    for step in (3, 4, 5):  # eager, captured, replayed
+        graphs(decode_plan(cache, step))
+    assert graphs.captures == 1 and graphs.replays == 1
+    del cache
+    gc.collect()
+    assert all(ref() is None for ref in tensors), "the session's cache outlived it inside a graph entry"
 
 
 @pytest.mark.gpu
