@@ -163,9 +163,9 @@ class _TtyView:
     def _lane(self, worker: int) -> list[str]:
         color = COLORS[worker % len(COLORS)]
         rows = wrap_tail(self._steps[worker], self._text_width, self._lane_rows)
-        labels = [self._names[worker].ljust(self._label_width)] + [" " * self._label_width] * (len(rows) - 1)
+        name, blank = self._names[worker].ljust(self._label_width), " " * self._label_width
         bar = f"\x1b[{color}m▌{RESET}"
-        return [f"\x1b[{color}m{BOLD}{label}{RESET} {bar} {row}" for label, row in zip(labels, rows, strict=False)]
+        return [f"\x1b[{color}m{BOLD}{name if i == 0 else blank}{RESET} {bar} {row}" for i, row in enumerate(rows)]
 
 
 def wrap_tail(segments: list[tuple[str, bool]], width: int, num_rows: int) -> list[str]:

@@ -183,7 +183,7 @@ class Session:
         if self._finishing:
             self._commit_finisher(token_ids[0])
         else:
-            for worker, token_id in zip(self.workers, token_ids, strict=False):
+            for worker, token_id in zip(self.workers, token_ids, strict=True):
                 self._commit_token(worker, token_id)
                 if self.done:
                     break
