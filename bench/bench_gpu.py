@@ -182,25 +182,35 @@ def register_triton_backend() -> None:
 
 
 def kernel_check(plan: Plan) -> tuple[str, bool]:
-    """Triton vs reference on random layouts, per dtype: the worst error against its tolerance."""
+    """Triton vs reference on random layouts, per dtype and way of merging: the worst error against its tolerance.
+
+    Both merges are checked whichever is the default: the tuner may pick either on this GPU."""
+    import engine.triton_attention as kernel
+
     triton_group_attention = attention.BACKENDS["triton"]
     dtypes = [torch.bfloat16, torch.float16, torch.float32] if plan.device.type == "cuda" else [torch.float32]
-    lines = ["| dtype | layouts | max abs error vs reference | tolerance | result |", "|---|---:|---:|---:|---|"]
-    ok = True
-    for dtype in dtypes:
-        rng, worst, passed, tol = random.Random(0), 0.0, True, TOLERANCE[dtype]
-        for _ in range(plan.check_layouts):
-            group, q, inv_freq = random_layout_group(rng, dtype, plan)
-            scale = q.shape[-1] ** -0.5
-            out = triton_group_attention(group, 0, q, scale, inv_freq).float()
-            reference = reference_group_attention(group, 0, q, scale, inv_freq).float()
-            error = (out - reference).abs()
-            worst = max(worst, error.max().item())
-            passed &= bool((error <= tol + tol * reference.abs()).all())  # torch.testing.assert_close's rule
-        ok &= passed
-        name = str(dtype).removeprefix("torch.")
-        result = "ok" if passed else "FAIL"
-        lines.append(f"| {name} | {plan.check_layouts} | {worst:.2e} | {TOLERANCE[dtype]:.0e} | {result} |")
+    lines = ["| dtype | merge | layouts | max abs error vs reference | tolerance | result |",
+             "|---|---|---:|---:|---:|---|"]
+    ok, default_merge = True, kernel.MERGE_IN_CHUNKS
+    try:
+        for dtype, merge in ((dtype, merge) for dtype in dtypes for merge in (0, 1)):
+            kernel.MERGE_IN_CHUNKS = merge
+            rng, worst, passed, tol = random.Random(0), 0.0, True, TOLERANCE[dtype]
+            for _ in range(plan.check_layouts):
+                group, q, inv_freq = random_layout_group(rng, dtype, plan)
+                scale = q.shape[-1] ** -0.5
+                out = triton_group_attention(group, 0, q, scale, inv_freq).float()
+                reference = reference_group_attention(group, 0, q, scale, inv_freq).float()
+                error = (out - reference).abs()
+                worst = max(worst, error.max().item())
+                passed &= bool((error <= tol + tol * reference.abs()).all())  # torch.testing.assert_close's rule
+            ok &= passed
+            name = str(dtype).removeprefix("torch.")
+            how = "in chunk programs" if merge else "own launch"
+            result = "ok" if passed else "FAIL"
+            lines.append(f"| {name} | {how} | {plan.check_layouts} | {worst:.2e} | {tol:.0e} | {result} |")
+    finally:
+        kernel.MERGE_IN_CHUNKS = default_merge
     return "\n".join(lines), ok
 
 

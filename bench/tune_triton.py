@@ -33,6 +33,7 @@ CANDIDATES = {  # module constant of engine.triton_attention -> values tried
     "CHUNK_WARPS": [2, 4, 8],
     "DEFAULT_STAGES": [2, 3, 4],
     "MERGE_DIMS": [16, 32, 128],
+    "MERGE_IN_CHUNKS": [0, 1],
 }
 QWEN3_8B_HEADS = Heads(32, 8, 128)
 

@@ -13,7 +13,11 @@ How the work is cut:
   (flash-decoding split), rotating its query rows once by that block's delta (cos/sin from the plan), and
   writes a partial (out, lse) with an online softmax in float32. Keys j < vis[i, b] of block b are visible to
   token i; everything else is masked.
-- Merge. A second kernel combines the partials of every chunk of every block by log-sum-exp.
+- Merge. The partials of every chunk of every block are combined by log-sum-exp, either by a kernel of its own
+  (MERGE_IN_CHUNKS = 0) or by the chunk program that finishes last for its row tile and KV head
+  (MERGE_IN_CHUNKS = 1): every chunk program counts itself in an atomic counter once its partial is stored, and
+  the one that completes the count merges, saving a launch. Which is faster is a launch parameter for
+  bench/tune_triton.py to decide on each GPU kind.
 
 The common block and the small blocks live in two tensors, so the chunk kernel runs once over each, writing
 into one table of partials. Importing this module raises ImportError when Triton is missing; otherwise it only
@@ -47,32 +51,38 @@ MERGE_ROWS = 16  # query rows per merge program
 MERGE_DIMS = 16  # head-dim columns per merge program: a decode step has few rows, so columns spread the merge
 MIN_CHUNK_TILES = 2  # a chunk holds at least this many key tiles before the key range is split further
 PROGRAMS_PER_SM = 1  # chunk programs aimed at per multiprocessor when splitting keys
+MERGE_IN_CHUNKS = 0  # 1: the last chunk program of each row tile and KV head merges (no merge launch)
 INTERPRETER_PROGRAMS = 16  # the same aim on the CPU interpreter (no multiprocessors to count)
 STAGES = {torch.float32: 1}  # software-pipeline depth: float32 tiles fit every GPU's shared memory only unpipelined
 DEFAULT_STAGES = 3
 LOG2_E = math.log2(math.e)
 # Arguments that change from call to call: left unspecialised, so one compiled kernel serves every session.
-_CHUNK_RUNTIME_ARGS = ["stride_vn", "stride_lc", "stride_lh", "n", "first_block", "block_len", "chunks_per_block",
-                       "first_chunk"]
+_CHUNK_RUNTIME_ARGS = ["stride_vn", "stride_lc", "stride_lh", "stride_fr", "n", "first_block", "block_len",
+                       "chunks_per_block", "first_chunk", "num_chunks"]
 _MERGE_RUNTIME_ARGS = ["stride_lc", "stride_lh", "num_rows", "num_chunks"]
 
 
 @triton.jit(do_not_specialize=_CHUNK_RUNTIME_ARGS)
 def _chunk_kernel(
     q_ptr, cos_ptr, sin_ptr, vis_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
+    final_ptr, count_ptr,  # MERGE only: the output (Hkv, R, D) and one int32 counter per (row tile, KV head)
     stride_qh, stride_qn,  # q (Hq, n, D), unit stride on D
     stride_cb, stride_cn,  # cos / sin (1 + Bs, n, D): the per-block query rotation of each token
     stride_vn, stride_vb,  # vis (n, 1 + Bs) int64
     stride_kb, stride_kh, stride_kn,  # k and v (num_blocks, Hkv, capacity, D), same strides
     stride_oc, stride_oh, stride_or,  # partial out (C, Hkv, R, D) float32
     stride_lc, stride_lh,  # partial lse (C, Hkv, R) float32, log base 2
-    n, num_groups, first_block, block_len, chunk_keys, chunks_per_block, first_chunk, qk_scale,
+    stride_fh, stride_fr,  # output (Hkv, R, D), MERGE only
+    n, num_groups, first_block, block_len, chunk_keys, chunks_per_block, first_chunk, num_chunks, qk_scale,
     HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MERGE: tl.constexpr,
 ):
     """Grid (row tiles, Hkv, num_blocks * chunks_per_block): one chunk of one block for BLOCK_M query rows.
 
     Writes out = softmax-weighted values over the chunk's visible keys and lse = log2 of the softmax
     denominator (qk already in log2 units); a row that sees no key of the chunk gets out 0 and lse -inf.
+    With MERGE, the program that stores the last of the `num_chunks` partials of its row tile and KV head (over
+    every launch of the call) merges them into final_ptr and resets their counter for the next call.
     """
     tile, h, pid_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     block = pid_c // chunks_per_block  # within this launch's tensor
@@ -125,6 +135,44 @@ def _chunk_kernel(
     out_rows = out_ptr + chunk * stride_oc + h * stride_oh + rows * stride_or
     tl.store(out_rows[:, None] + dv[None, :], out, mask=is_row[:, None])
     tl.store(lse_ptr + chunk * stride_lc + h * stride_lh + rows, lse, mask=is_row)
+    if MERGE:
+        tl.debug_barrier()  # every thread's part of the partial is stored before the program counts itself
+        counter = count_ptr + tile * tl.num_programs(1) + h
+        # acq_rel at GPU scope: this program's partial is released to the merger, and the merger acquires all.
+        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == num_chunks - 1:
+            tl.store(counter, 0)
+            _merge_rows(out_ptr, lse_ptr, final_ptr, stride_oc, stride_oh, stride_or, stride_lc, stride_lh,
+                        stride_fh, stride_fr, h, rows, is_row, dv, num_chunks)
+
+
+@triton.jit
+def _merge_rows(
+    part_ptr, lse_ptr, out_ptr, stride_pc, stride_ph, stride_pr, stride_lc, stride_lh, stride_oh, stride_or,
+    h, rows, is_row, d, num_chunks,
+):
+    """out[h, rows, d] = sum_c 2^(lse_c - M) part_c / sum_c 2^(lse_c - M), M = max_c lse_c.
+
+    Every row sees at least its own token, so some chunk has a finite lse and M is finite. The partials are
+    read past the multiprocessor's L1 cache (.cg): other programs wrote them during this launch.
+    """
+    lse_rows = lse_ptr + h * stride_lh + rows
+    top = tl.full(rows.shape, float("-inf"), tl.float32)
+    for chunk in range(num_chunks):
+        lse = tl.load(lse_rows + chunk * stride_lc, mask=is_row, other=float("-inf"), cache_modifier=".cg")
+        top = tl.maximum(top, lse)
+    top = tl.where(is_row, top, 0.0)
+    part_rows = part_ptr + h * stride_ph + rows[:, None] * stride_pr + d[None, :]  # (rows, d)
+    denominator = tl.zeros(rows.shape, tl.float32)
+    acc = tl.zeros([rows.shape[0], d.shape[0]], tl.float32)
+    for chunk in range(num_chunks):
+        lse = tl.load(lse_rows + chunk * stride_lc, mask=is_row, other=float("-inf"), cache_modifier=".cg")
+        weight = tl.exp2(lse - top)  # (rows,)
+        denominator += weight
+        part = tl.load(part_rows + chunk * stride_pc, mask=is_row[:, None], other=0.0, cache_modifier=".cg")
+        acc += weight[:, None] * part
+    out = acc / tl.where(is_row, denominator, 1.0)[:, None]
+    tl.store(out_ptr + h * stride_oh + rows[:, None] * stride_or + d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=is_row[:, None])
 
 
 @triton.jit(do_not_specialize=_MERGE_RUNTIME_ARGS)
@@ -136,29 +184,12 @@ def _merge_kernel(
     num_rows, num_chunks,
     BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """Grid (row tiles, Hkv, D / BLOCK_D): out = sum_c 2^(lse_c - M) out_c / sum_c 2^(lse_c - M), M = max_c lse_c.
-
-    Every row sees at least its own token, so some chunk has a finite lse and M is finite.
-    """
+    """Grid (row tiles, Hkv, D / BLOCK_D): the merge (_merge_rows) as a launch of its own."""
     tile, h, cols = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = tile * BLOCK_R + tl.arange(0, BLOCK_R)  # (BR,)
-    is_row = rows < num_rows
-    lse_rows = lse_ptr + h * stride_lh + rows
-    top = tl.full([BLOCK_R], float("-inf"), tl.float32)
-    for chunk in range(num_chunks):
-        top = tl.maximum(top, tl.load(lse_rows + chunk * stride_lc, mask=is_row, other=float("-inf")))
-    top = tl.where(is_row, top, 0.0)
     d = cols * BLOCK_D + tl.arange(0, BLOCK_D)
-    part_rows = part_ptr + h * stride_ph + rows[:, None] * stride_pr + d[None, :]  # (BR, D)
-    denominator = tl.zeros([BLOCK_R], tl.float32)
-    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
-    for chunk in range(num_chunks):
-        weight = tl.exp2(tl.load(lse_rows + chunk * stride_lc, mask=is_row, other=float("-inf")) - top)  # (BR,)
-        denominator += weight
-        acc += weight[:, None] * tl.load(part_rows + chunk * stride_pc, mask=is_row[:, None], other=0.0)
-    out = acc / tl.where(is_row, denominator, 1.0)[:, None]
-    tl.store(out_ptr + h * stride_oh + rows[:, None] * stride_or + d[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=is_row[:, None])
+    _merge_rows(part_ptr, lse_ptr, out_ptr, stride_pc, stride_ph, stride_pr, stride_lc, stride_lh, stride_oh,
+                stride_or, h, rows, rows < num_rows, d, num_chunks)
 
 
 @dataclass(frozen=True)
@@ -228,24 +259,34 @@ def triton_group_attention(
     num_chunks = sum(keys.num_chunks for keys in launches)
     partial = torch.empty((num_chunks, num_kv, rows, dim), dtype=torch.float32, device=q.device)
     lse = torch.empty((num_chunks, num_kv, rows), dtype=torch.float32, device=q.device)
-    first_chunk = 0
-    for keys in launches:
-        _chunk_kernel[(row_tiles, num_kv, keys.num_chunks)](
-            q, group.cos, group.sin, group.vis, keys.k, keys.v, partial, lse,
-            q.stride(0), q.stride(1),
-            group.cos.stride(0), group.cos.stride(3),
-            group.vis.stride(0), group.vis.stride(1),
-            keys.k.stride(0), keys.k.stride(1), keys.k.stride(2),
-            partial.stride(0), partial.stride(1), partial.stride(2),
-            lse.stride(0), lse.stride(1),
-            n, num_groups, keys.first_block, keys.length, keys.chunk_keys,
-            keys.num_chunks // keys.k.shape[0], first_chunk, scale * LOG2_E,
-            HALF=dim // 2, BLOCK_M=block_m, BLOCK_N=BLOCK_N,
-            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-            num_stages=STAGES.get(q.dtype, DEFAULT_STAGES), num_warps=CHUNK_WARPS,
-        )
-        first_chunk += keys.num_chunks
     out = torch.empty((num_kv, rows, dim), dtype=q.dtype, device=q.device)
+    merge = bool(MERGE_IN_CHUNKS)
+    counters = _counters(q.device, row_tiles * num_kv) if merge else lse  # a placeholder pointer without MERGE
+    first_chunk = 0
+    try:
+        for keys in launches:
+            _chunk_kernel[(row_tiles, num_kv, keys.num_chunks)](
+                q, group.cos, group.sin, group.vis, keys.k, keys.v, partial, lse, out, counters,
+                q.stride(0), q.stride(1),
+                group.cos.stride(0), group.cos.stride(3),
+                group.vis.stride(0), group.vis.stride(1),
+                keys.k.stride(0), keys.k.stride(1), keys.k.stride(2),
+                partial.stride(0), partial.stride(1), partial.stride(2),
+                lse.stride(0), lse.stride(1),
+                out.stride(0), out.stride(1),
+                n, num_groups, keys.first_block, keys.length, keys.chunk_keys,
+                keys.num_chunks // keys.k.shape[0], first_chunk, num_chunks, scale * LOG2_E,
+                HALF=dim // 2, BLOCK_M=block_m, BLOCK_N=BLOCK_N,
+                DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", MERGE=merge,
+                num_stages=STAGES.get(q.dtype, DEFAULT_STAGES), num_warps=CHUNK_WARPS,
+            )
+            first_chunk += keys.num_chunks
+    except BaseException:
+        if merge:  # a launch that did not run left its row tiles' counts short: no later call may inherit them
+            counters.zero_()
+        raise
+    if merge:
+        return out.view(num_q_heads, n, dim)
     merge_dims = min(MERGE_DIMS, dim)
     _merge_kernel[(triton.cdiv(rows, MERGE_ROWS), num_kv, dim // merge_dims)](
         partial, lse, out,
@@ -256,6 +297,22 @@ def triton_group_attention(
         BLOCK_D=merge_dims, BLOCK_R=MERGE_ROWS,
     )
     return out.view(num_q_heads, n, dim)
+
+
+_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
+MIN_COUNTERS = 4096  # (row tile, KV head) pairs of the first counter table: 1024 tokens of 8 KV heads, 4 per head
+
+
+def _counters(device: torch.device, count: int) -> torch.Tensor:
+    """At least `count` zeroed int32 counters on `device`: one table shared by every call on the device, since each
+    call's mergers leave their counters at zero and calls on a device run one after another on its stream.
+
+    A bigger table replaces it when needed, but outgrown tables are kept: a decode step captured in a CUDA graph
+    still points at the table it was captured with."""
+    tables = _COUNTERS.setdefault(device, [])
+    if not tables or tables[-1].numel() < count:
+        tables.append(torch.zeros(max(MIN_COUNTERS, triton.next_power_of_2(count)), dtype=torch.int32, device=device))
+    return tables[-1]
 
 
 def _launches(

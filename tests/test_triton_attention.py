@@ -21,7 +21,7 @@ from triton_mode import triton_device
 DEVICE = triton_device()
 pytest.importorskip("triton", reason="Triton is not installed; the Triton attention tests need it (pip install triton)")
 
-from engine import attention  # noqa: E402
+from engine import attention, triton_attention  # noqa: E402
 from engine.attention import fast_group_attention, reference_group_attention  # noqa: E402
 from engine.cache import SessionCache  # noqa: E402
 from engine.config import EngineConfig, SamplingParams, SessionRequest  # noqa: E402
@@ -129,6 +129,57 @@ def test_slots_beyond_a_blocks_length_are_never_read(seed: int) -> None:
     group, q, inv_freq = random_group(seed, 4, 2, 64, torch.float32, unwritten=float("nan"))
     out = triton_group_attention(group, 0, q, 0.125, inv_freq, chunk_keys=BLOCK_N)
     assert out.isfinite().all()
+    torch.testing.assert_close(out, reference_group_attention(group, 0, q, 0.125, inv_freq), atol=2e-5, rtol=2e-5)
+
+
+@pytest.fixture
+def merge_in_chunks(monkeypatch: pytest.MonkeyPatch) -> torch.Tensor:
+    """The last chunk program of each row tile and KV head merges; returns the device's counter table."""
+    monkeypatch.setattr(triton_attention, "MERGE_IN_CHUNKS", 1)
+    return triton_attention._counters(torch.device(DEVICE), 1)
+
+
+@pytest.mark.parametrize("chunk_keys", [None, BLOCK_N, 2 * BLOCK_N])
+def test_merging_in_the_last_chunk_program_gives_the_same_output(
+    merge_in_chunks: torch.Tensor, chunk_keys: int | None
+) -> None:
+    """Layouts of one or two launches and one or many chunks per block, merged without a merge launch, one call
+    after the other: each matches the reference, so every call finds its counters at zero."""
+    for seed, (num_q_heads, num_kv_heads) in enumerate([(6, 2), (4, 1), (8, 2), (2, 2)]):
+        group, q, inv_freq = random_group(seed, num_q_heads, num_kv_heads, 64, torch.float32)
+
+        out = triton_group_attention(group, 0, q, 0.125, inv_freq, chunk_keys=chunk_keys)
+
+        reference = reference_group_attention(group, 0, q, 0.125, inv_freq)
+        torch.testing.assert_close(out, reference, atol=2e-5, rtol=2e-5)
+        assert not merge_in_chunks.any(), "every merger resets its counter"
+
+
+def test_a_failed_launch_leaves_no_counts_behind(
+    merge_in_chunks: torch.Tensor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the small blocks' launch fails after the common block's ran, the counts the common chunks left are
+    cleared: the next call merges when its own chunks are done, not early."""
+    group, q, inv_freq = random_group(1, 4, 2, 64, torch.float32)
+    assert group.small_len, "the layout should take two launches"
+    kernel = triton_attention._chunk_kernel
+
+    class FailsSecondLaunch:
+        launches = 0
+
+        def __getitem__(self, grid: tuple[int, ...]) -> Callable[..., None]:
+            self.launches += 1
+            if self.launches == 2:
+                raise RuntimeError("out of resources")
+            return kernel[grid]
+
+    monkeypatch.setattr(triton_attention, "_chunk_kernel", FailsSecondLaunch())
+    with pytest.raises(RuntimeError, match="out of resources"):
+        triton_group_attention(group, 0, q, 0.125, inv_freq, chunk_keys=BLOCK_N)
+    assert not merge_in_chunks.any()
+
+    monkeypatch.setattr(triton_attention, "_chunk_kernel", kernel)
+    out = triton_group_attention(group, 0, q, 0.125, inv_freq, chunk_keys=BLOCK_N)
     torch.testing.assert_close(out, reference_group_attention(group, 0, q, 0.125, inv_freq), atol=2e-5, rtol=2e-5)
 
 
