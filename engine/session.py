@@ -8,8 +8,8 @@ Block layout in the session's cache:
 Worker w's view: common, OTHERS_LABEL, the other workers' current steps (ascending), OWN_LABEL, its own step.
 
 A session is driven by the engine in two calls per forward: `runs()` says what to feed (moving finished steps
-into the history first), `commit(token_ids)` takes one sampled token per worker that fed something and returns
-the events it caused.
+into the history first), `commit(token_ids)` takes one sampled token per worker that fed something. It returns
+nothing: the events a session causes collect in it until `take_events()` returns them, in generation order.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Messages that cross the boundary between the API process and the engine process. Torch-free, picklable.
 
-Commands flow API -> engine over one queue, replies flow engine -> API over another. For every `Submit` the
-engine sends exactly one `Accepted` or `Rejected` before any event of that request, so the HTTP status of a
-request is known before its first stream byte.
+Commands flow API -> engine over a multiprocessing queue, replies flow engine -> API over a one-way
+multiprocessing pipe. For every `Submit` the engine sends exactly one `Accepted` or `Rejected` before any event of
+that request, so the HTTP status of a request is known before its first stream byte.
 """
 
 from __future__ import annotations
