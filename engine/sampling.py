@@ -36,7 +36,9 @@ def sample(
     logits = logits.detach().float()
     if params.temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits / params.temperature
+    # Shifted so the largest logit is 0 before dividing: a tiny temperature then gives -inf for the rest (greedy,
+    # ties drawn among), never an overflow to inf and NaN probabilities.
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / params.temperature
     vocab = logits.shape[-1]
     if params.top_k and params.top_k < vocab:
         kth = logits.topk(params.top_k, dim=-1).values[:, -1:]  # (K, 1)

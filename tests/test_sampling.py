@@ -35,10 +35,12 @@ def test_top_p_keeps_the_token_that_crosses_it_and_nothing_after(candidates_firs
     assert 0.56 < counts[1] / 2000 < 0.69  # renormalised: 0.5 / 0.8 = 0.625
 
 
-def test_top_k_filters_before_top_p() -> None:
+@pytest.mark.parametrize("candidates_first", [True, False])
+def test_top_k_filters_before_top_p(candidates_first: bool) -> None:
     probs = torch.tensor([[0.4, 0.3, 0.2, 0.1]])
-    counts = draws(probs.log(), SamplingParams(temperature=1.0, top_k=2, top_p=0.99), 500)
-    assert set(counts) == {0, 1}
+    params = SamplingParams(temperature=1.0, top_k=2, top_p=0.55)
+    counts = draws(probs.log(), params, 500, candidates_first=candidates_first)
+    assert set(counts) == {0}  # top_k leaves 0.4 / 0.7 = 0.57 >= 0.55; top_p first would keep 0.4 < 0.55 and 0.3
 
 
 @pytest.mark.parametrize("candidates_first", [True, False])
@@ -72,8 +74,9 @@ def test_both_nucleus_searches_pick_the_same_tokens() -> None:
     assert torch.equal(first, whole)
 
 
-def test_tokens_stay_on_the_logits_device() -> None:
-    logits = torch.randn(2, 100, dtype=torch.bfloat16)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_tokens_stay_on_the_logits_device(device: str) -> None:
+    logits = torch.randn(2, 100, dtype=torch.bfloat16, device=device)
     for params in (SamplingParams(temperature=0.0), SamplingParams(top_p=1.0), SamplingParams()):
         tokens = sample(logits, params, make_generator(0, logits.device))
         assert tokens.shape == (2,) and tokens.dtype == torch.long and tokens.device == logits.device
@@ -86,3 +89,15 @@ def test_draw_follows_the_weights_and_ignores_trailing_zeros() -> None:
     assert 0.22 < picks[1] / 4000 < 0.28  # 1 / (1 + 3)
     padded = torch.cat([weights, torch.zeros(4000, 1000)], dim=1)
     assert torch.equal(draw(weights, make_generator(9)), draw(padded, make_generator(9)))
+
+
+@pytest.mark.parametrize("temperature", [1e-30, 1e-38, 1e-45])
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+def test_a_tiny_temperature_is_greedy_not_noise(temperature: float, top_p: float) -> None:
+    """Logits divided by a temperature near float32's smallest would overflow to inf (NaN probabilities, any
+    token drawn); the likeliest token must win every time instead."""
+    logits = torch.randn(4, 1000) * 10
+    expected = logits.argmax(dim=-1)
+    for seed in range(5):
+        picked = sample(logits, SamplingParams(temperature=temperature, top_p=top_p), make_generator(seed))
+        assert torch.equal(picked, expected)
