@@ -14,11 +14,13 @@ import torch
 
 from engine.rope import cos_sin, rotate
 
-GROWTH_CHUNK = 256  # tokens; capacities are multiples of this
+GROWTH_CHUNK = 256  # tokens; the common block's capacity is a multiple of this
+SMALL_GROWTH_CHUNK = 64  # tokens; the small blocks' capacity is a multiple of this: labels and single steps, one
+# allocation for all of them (workers + 2 blocks), so a coarse chunk would hold far more than the session uses
 
 
-def _round_up(n: int) -> int:
-    return -(-n // GROWTH_CHUNK) * GROWTH_CHUNK
+def _round_up(n: int, chunk: int = GROWTH_CHUNK) -> int:
+    return -(-n // chunk) * chunk
 
 
 class SessionCache:
@@ -31,10 +33,10 @@ class SessionCache:
         dtype: torch.dtype,
         device: torch.device,
         common_capacity: int = GROWTH_CHUNK,
-        small_capacity: int = GROWTH_CHUNK,
+        small_capacity: int = SMALL_GROWTH_CHUNK,
     ) -> None:
         shape = (num_layers, num_kv_heads, _round_up(common_capacity), head_dim)
-        small = (num_layers, num_small_blocks, num_kv_heads, _round_up(small_capacity), head_dim)
+        small = (num_layers, num_small_blocks, num_kv_heads, _round_up(small_capacity, SMALL_GROWTH_CHUNK), head_dim)
         self.common_k = torch.zeros(shape, dtype=dtype, device=device)  # (L, Hkv, Cc, D)
         self.common_v = torch.zeros(shape, dtype=dtype, device=device)
         self.small_k = torch.zeros(small, dtype=dtype, device=device)  # (L, Bs, Hkv, Cs, D)
@@ -56,7 +58,7 @@ class SessionCache:
             self.common_k = _grow(self.common_k, 2, new)
             self.common_v = _grow(self.common_v, 2, new)
         elif block > 0 and length > self.small_k.shape[3]:
-            new = _round_up(max(length, self.small_k.shape[3] * 3 // 2))
+            new = _round_up(max(length, self.small_k.shape[3] * 3 // 2), SMALL_GROWTH_CHUNK)
             self.small_k = _grow(self.small_k, 3, new)
             self.small_v = _grow(self.small_v, 3, new)
 
