@@ -71,7 +71,8 @@ class AnswerEvent:
 
 @dataclass(frozen=True)
 class Usage:
-    """Token accounting. completion tokens count sampled tokens only (no inserted text, no finisher)."""
+    """Token accounting. completion tokens count what the model sampled, the finisher's tokens included, and no
+    inserted text."""
 
     prompt_tokens: int
     completion_tokens_per_worker: tuple[int, ...]

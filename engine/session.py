@@ -230,6 +230,7 @@ class Session:
     def _commit_finisher(self, token_id: int) -> None:
         worker = self.workers[0]
         worker.pending.extend([token_id], True)
+        worker.generated += 1  # usage counts every token the model wrote; the budget does not count these
         self._finisher_tokens += 1
         text, ids = worker.decoder.feed(token_id)
         if text:
@@ -309,5 +310,5 @@ class Session:
 
     @property
     def is_finishing(self) -> bool:
-        """True while the finisher runs: worker 0 alone, greedy, its tokens not counted."""
+        """True while the finisher runs: worker 0 alone, greedy, beyond the budget (usage counts its tokens)."""
         return self._finishing

@@ -104,8 +104,9 @@ def test_three_workers_fill_their_lanes_and_the_shared_history(page: Page) -> No
     expect(page.locator("#answer")).to_be_visible()
     assert page.inner_text("#answer-text").strip()
     assert int(page.inner_text("#stat-steps")) == history.count()
-    assert int(page.inner_text("#stat-tokens")) == 3 * 16, "the usage chunk gives the exact count"
-    assert lanes.locator(".count").all_inner_texts() == ["16", "16", "16"]
+    counts = [int(count) for count in lanes.locator(".count").all_inner_texts()]
+    assert counts[1:] == [16, 16] and counts[0] > 16, "worker 0 also wrote the finisher's answer, past its budget"
+    assert int(page.inner_text("#stat-tokens")) == sum(counts), "the usage chunk gives the exact count"
     assert float(page.inner_text("#stat-rate")) > 0
     prompt, cached = (int(part) for part in page.inner_text("#stat-prompt").split(" · "))
     assert prompt > 0 and 0 <= cached < prompt

@@ -158,7 +158,7 @@ function countTokens(current, lane, count) {
   lane.countEl.textContent = lane.tokens;
 }
 
-// The usage chunk is exact: the counters above also saw the tokens sampled after the finisher, which do not count.
+// The usage chunk is exact: token chunks leave out an end-of-sequence token and a character's unfinished bytes.
 function applyUsage(current, usage) {
   current.tokens = usage.completion_tokens;
   current.prompt = { tokens: usage.prompt_tokens, cached: usage.prompt_tokens_details?.cached_tokens ?? 0 };
