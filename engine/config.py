@@ -7,6 +7,7 @@ need the model (prompt length against the context) before any work starts.
 from __future__ import annotations
 
 import os
+import unicodedata
 from dataclasses import dataclass, field
 
 from engine.errors import InvalidRequestError
@@ -66,6 +67,8 @@ class SessionRequest:
     def validate(self, max_workers: int = MAX_WORKERS, max_tokens: int | None = None) -> None:
         if not self.prompt or not self.prompt.strip():
             raise InvalidRequestError("prompt must be a non-empty string", "prompt")
+        if not _is_unicode_text(self.prompt):
+            raise InvalidRequestError("prompt must be valid Unicode text (it holds an unpaired surrogate)", "prompt")
         if not 1 <= self.num_workers <= max_workers:
             raise InvalidRequestError(f"workers must be between 1 and {max_workers}", "workers")
         if self.worker_names is not None:
@@ -83,13 +86,30 @@ class SessionRequest:
         if len(names) != self.num_workers:
             raise InvalidRequestError("worker_names must give one name per worker", "worker_names")
         for name in names:
-            if not name.strip() or len(name) > MAX_WORKER_NAME_CHARS or any(c in name for c in "\n\r*[]"):
+            if (
+                not name.strip() or name != name.strip() or len(name) > MAX_WORKER_NAME_CHARS
+                or any(c in name for c in "*[]") or not _is_unicode_text(name)
+                or any(unicodedata.category(c) in _INVISIBLE for c in name)
+            ):
                 raise InvalidRequestError(
-                    f"each worker name must be 1..{MAX_WORKER_NAME_CHARS} characters without newlines, '*' or brackets",
+                    f"each worker name must be 1..{MAX_WORKER_NAME_CHARS} visible characters (inner spaces allowed) "
+                    "without '*' or brackets",
                     "worker_names",
                 )
         if len(set(names)) != len(names):
             raise InvalidRequestError("worker_names must be distinct", "worker_names")
+
+
+_INVISIBLE = {"Cc", "Cf", "Cs", "Zl", "Zp"}  # control and format characters, surrogates, line/paragraph separators
+
+
+def _is_unicode_text(text: str) -> bool:
+    """False for a str that holds an unpaired surrogate (JSON can carry one; no tokenizer can encode it)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)

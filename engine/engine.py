@@ -9,8 +9,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import math
+import re
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -36,6 +39,8 @@ GREEDY = SamplingParams(temperature=0.0)
 ASSUMED_MIN_STEP_TOKENS = 32  # the context check allows one step header per this many sampled tokens
 PREFILL_TOKENS_PER_STEP = 1024  # prompt tokens one forward takes on top of the decoding sessions' tokens
 WARM_UP_TASK = "Say hello."
+HUGE_PROMPT_MARGIN = 64  # tokens past the context a prompt's beginning must reach to be refused unread
+TYPICAL_TOKEN_CHARS = 8  # characters per token that ordinary text stays well under
 
 
 @dataclass
@@ -114,14 +119,34 @@ class Engine:
     # ---- admission ----------------------------------------------------------------------------------------
 
     def check(self, request: SessionRequest) -> int:
-        """Every check possible before work starts; returns the prompt's token count."""
+        """Every check possible before work starts; returns the chat prompt's token count (the common block
+        before any worker writes: rules and task)."""
         return len(self._checked(request)[0])
+
+    def opening_tokens(self, request: SessionRequest) -> int:
+        """Tokens a session feeds with its chat prompt: the section labels and every worker's first-step opening.
+        Usage counts them as prompt tokens: check() + opening_tokens() is the session's usage.prompt_tokens."""
+        encode = self.model.tokenizer.encode
+        labels = (prompts.OTHERS_LABEL, prompts.OWN_LABEL)
+        openings = (prompts.first_step(name, i) for i, name in enumerate(request.names))
+        return sum(len(encode(text, add_special_tokens=False)) for text in (*labels, *openings))
 
     def _checked(self, request: SessionRequest) -> tuple[list[int], int]:
         """Validates the request; returns its prompt ids and the longest view it could reach."""
         request.validate(self.config.max_workers, self.config.max_tokens)
+        self._refuse_special_tokens(request)
+        self._refuse_huge_prompt(request.prompt)
         prompt_ids = self._prompt_ids(request)
         longest = self.longest_view_bound(request, len(prompt_ids))
+        shortest = self.longest_view_bound(dataclasses.replace(request, max_tokens=1), len(prompt_ids))
+        if shortest > self.context_length:
+            workers = f"{request.num_workers} worker" + ("s" if request.num_workers > 1 else "")
+            raise ContextLengthError(
+                f"the prompt takes {len(prompt_ids)} tokens with the collaboration rules; with the labels and step "
+                f"headers of {workers} even one token each needs {shortest}, more than the model's context of "
+                f"{self.context_length}; shorten the prompt",
+                "prompt",
+            )
         if longest > self.context_length:
             raise ContextLengthError(
                 f"this session could reach {longest} tokens (prompt {len(prompt_ids)} + {request.num_workers} "
@@ -184,6 +209,49 @@ class Engine:
             checks = encode(prompts.REDUNDANCY_CHECK) * math.ceil(workers * budget / request.redundancy_check_every)
         finisher = encode(prompts.FINISHER) + FINISHER_MAX_TOKENS if request.final_answer else 0
         return prompt_tokens + labels + headers + workers * budget + checks + finisher
+
+    def _refuse_special_tokens(self, request: SessionRequest) -> None:
+        """Refuses a prompt or worker name that spells one of the tokenizer's special tokens: the tokenizer would
+        read it as that token, letting text end the user's turn or open a system turn in the chat format."""
+        if self._special_tokens is None:
+            return
+        for param, texts in (("prompt", (request.prompt,)), ("worker_names", request.worker_names or ())):
+            for text in texts:
+                if found := self._special_tokens.search(text):
+                    raise InvalidRequestError(
+                        f"{param} must not contain the model's special token {found.group()!r}", param
+                    )
+
+    @functools.cached_property
+    def _special_tokens(self) -> re.Pattern[str] | None:
+        tokens = getattr(self.model.tokenizer, "added_tokens_decoder", {}).values()
+        specials = sorted({token.content for token in tokens if token.special and token.content}, key=len, reverse=True)
+        return re.compile("|".join(map(re.escape, specials))) if specials else None
+
+    def _refuse_huge_prompt(self, prompt: str) -> None:
+        """Refuses a prompt far longer than the context after tokenizing only a bounded beginning of it: requests
+        are checked in the engine's loop, and tokenizing megabytes there would stall every running session. The
+        first look assumes ordinary text (TYPICAL_TOKEN_CHARS per token), the second any text the vocabulary can
+        spell; a prompt neither refuses is tokenized whole, as every prompt is."""
+        needed = self.context_length + HUGE_PROMPT_MARGIN
+        for chars_per_token in (TYPICAL_TOKEN_CHARS, self._max_token_chars):
+            limit = needed * chars_per_token
+            if len(prompt) <= limit:
+                return
+            head = len(self.model.tokenizer.encode(prompt[:limit], add_special_tokens=False))
+            if head > needed:
+                raise ContextLengthError(
+                    f"the prompt ({len(prompt)} characters) is longer than the model's context of "
+                    f"{self.context_length} tokens: its first {limit} characters alone are {head} tokens; shorten "
+                    "the prompt",
+                    "prompt",
+                )
+
+    @functools.cached_property
+    def _max_token_chars(self) -> int:
+        """Characters of the longest token in the vocabulary: a text of c characters is at least c / this many
+        tokens (a byte-level token's string spells one character per byte)."""
+        return max(map(len, self.model.tokenizer.get_vocab()), default=1)
 
     def _prompt_ids(self, request: SessionRequest) -> list[int]:
         text = prompts.ChatPrompt.build(self.model.tokenizer, request.names, request.prompt).text

@@ -12,7 +12,7 @@ import torch
 
 from engine.attention import ATTENTION_NAME, hogwild_attention
 from engine.config import DEFAULT_MODEL, EngineConfig
-from engine.errors import ModelNotFoundError, UnsupportedModelError
+from engine.errors import InvalidRequestError, ModelNotFoundError, UnsupportedModelError
 from engine.rope import check_rope
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,11 @@ def resolve_device_dtype(device: str | None, dtype: str | None) -> tuple[torch.d
     float32 on CPU because most CPUs have no bfloat16 matrix units: there bfloat16 matmuls run through
     conversions, and a prompt prefill of the default model measured 2.4x slower than in float32.
     """
-    chosen = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        chosen = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        message = f"device {device!r} is not a torch device (cpu, cuda, cuda:1, ...)"
+        raise InvalidRequestError(message, "device") from None
     if chosen.type == "cuda" and not torch.cuda.is_available():
         raise ModelNotFoundError("device 'cuda' was requested but no CUDA GPU is available")
     return chosen, getattr(torch, dtype or ("bfloat16" if chosen.type == "cuda" else "float32"))
