@@ -103,8 +103,9 @@ def _serve_demo(app: FastAPI) -> None:
     if folder is not None:
         for path in sorted(folder.iterdir()):
             if path.is_file():
-                app.add_api_route(f"/{path.name}", _file_endpoint(path), methods=["GET"], include_in_schema=False)
-        app.add_api_route("/", _file_endpoint(folder / "index.html"), methods=["GET"], include_in_schema=False)
+                app.add_api_route(f"/{path.name}", _file_endpoint(path), methods=["GET", "HEAD"],
+                                  include_in_schema=False)
+        app.add_api_route("/", _file_endpoint(folder / "index.html"), methods=["GET", "HEAD"], include_in_schema=False)
         return
 
     @app.get("/", include_in_schema=False)

@@ -14,6 +14,7 @@ import contextlib
 import enum
 import logging
 import multiprocessing
+import signal
 import threading
 import time
 import uuid
@@ -304,10 +305,10 @@ class EngineBridge:
         if process is not self._process or self._is_stopping or self.state is EngineState.FAILED:
             return
         was_ready = self.state is EngineState.READY
-        exit_code = process.process.exitcode
+        how = exit_description(process.process.exitcode)
         self.state = EngineState.DOWN
-        self.status_message = f"the engine process exited with code {exit_code}; restarting"
-        logger.error("engine process %s exited with code %s", process.pid, exit_code)
+        self.status_message = f"the engine process {how}; restarting"
+        logger.error("engine process %s %s", process.pid, how)
         self._fail_sessions(ENGINE_LOST_MESSAGE, "engine_unavailable")
         self._run_in_background(asyncio.get_running_loop().run_in_executor(None, process.stop))
         if not was_ready:
@@ -334,3 +335,14 @@ class EngineBridge:
         self.num_running = self.num_waiting = self.kv_cache_bytes = self.prefix_cache_bytes = 0
         for session in failed:
             session.deliver(ErrorEvent(message, code))
+
+
+def exit_description(exit_code: int | None) -> str:
+    """How a process ended, from multiprocessing's exitcode (negative: killed by that signal; None: its pipe
+    closed before the exit status could be read)."""
+    if exit_code is None:
+        return "stopped"
+    if exit_code < 0:
+        with contextlib.suppress(ValueError):
+            return f"was killed by {signal.Signals(-exit_code).name}"
+    return f"exited with code {exit_code}"

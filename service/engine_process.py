@@ -131,7 +131,7 @@ class EngineLoop:
 
     def _check(self, submit: Submit) -> None:
         try:
-            prompt_tokens = self.engine.check(submit.request)
+            prompt_tokens = self.engine.check(submit.request) + self.engine.opening_tokens(submit.request)
         except HogwildError as error:
             self.replies.send(Rejected(submit.request_id, error.code, error.message, error.param))
             return

@@ -28,6 +28,7 @@ STATUS_BY_CODE = {
     "capacity_exceeded": 503,
     "engine_unavailable": 503,
 }
+BODY_PARSE_FAILED = "There was an error parsing the body"  # FastAPI's detail when reading the JSON body raises
 TYPE_BY_STATUS = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -91,6 +92,9 @@ def validation_error(exc: RequestValidationError) -> APIError:
         return APIError(400, "request body is not valid JSON", "invalid_json")
     if first.get("type") == "missing" and param is None:
         return APIError(400, "request body is missing: send a JSON object", "invalid_request")
+    if first.get("type") == "model_attributes_type" and param is None:  # a body not sent as JSON, or not an object
+        return APIError(400, "request body must be a JSON object sent with Content-Type: application/json",
+                        "invalid_request")
     message = f"{param}: {first.get('msg', 'invalid value')}" if param else str(first.get("msg", "invalid request"))
     return APIError(400, message, "invalid_request", param)
 
@@ -131,7 +135,10 @@ def install_error_handlers(app: FastAPI, on_error: Callable[[str, APIError], Non
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
-        return respond(request, APIError(exc.status_code, message, headers=getattr(exc, "headers", None)))
+        code = None
+        if exc.status_code == 400 and message == BODY_PARSE_FAILED:  # FastAPI's answer when parsing itself fails
+            message, code = "request body could not be parsed as JSON (too deeply nested?)", "invalid_json"
+        return respond(request, APIError(exc.status_code, message, code, headers=getattr(exc, "headers", None)))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

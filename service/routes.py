@@ -59,6 +59,11 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     bridge, settings = _bridge(request), _settings(request)
     session_request = body.session_request()
     session_request.validate(max_workers=settings.max_workers, max_tokens=settings.max_tokens)
+    if body.stream and body.return_views:
+        raise APIError(400, "return_views comes with the non-streamed answer only; set stream to false",
+                       "invalid_request", "return_views")
+    if not body.stream and body.stream_options is not None:
+        raise APIError(400, "stream_options is only allowed when stream is true", "invalid_request", "stream_options")
     if bridge.state is not EngineState.READY:
         raise unavailable(
             f"the engine is not ready ({bridge.state.value}): {bridge.status_message}", settings.retry_after_seconds
@@ -104,7 +109,12 @@ async def _until_disconnected(request: Request) -> None:
         pass
 
 
-@router.get("/health", summary="200 when the model is loaded and the engine serves, else 503")
+@router.api_route(
+    "/health",
+    methods=["GET", "HEAD"],
+    summary="200 when the model is loaded and the engine serves, else 503",
+    responses={503: {"description": "the engine is starting, restarting or stopped (same body)"}},
+)
 async def health(request: Request) -> JSONResponse:
     bridge = _bridge(request)
     is_ready = bridge.state is EngineState.READY
@@ -130,7 +140,7 @@ async def list_models(request: Request) -> ModelList:
     return ModelList(data=[ModelCard(id=bridge.model_name, created=request.app.state.started_at)])
 
 
-@router.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
+@router.api_route("/metrics", methods=["GET", "HEAD"], response_class=PlainTextResponse, summary="Prometheus metrics")
 async def metrics(request: Request) -> PlainTextResponse:
     bridge = _bridge(request)
     text = _metrics(request).render(

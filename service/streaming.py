@@ -12,7 +12,7 @@ import json
 from collections.abc import AsyncIterator, Callable
 
 from engine.events import AnswerEvent, DoneEvent, Event, InsertedEvent, StepEndEvent, TokenEvent
-from service.errors import STATUS_BY_CODE, error_body
+from service.errors import APIError, outcome_of
 from service.session import Session
 
 DONE_FRAME = b"data: [DONE]\n\n"
@@ -33,7 +33,7 @@ class ChunkWriter:
     def __init__(self, completion_id: str, created: int, model: str, names: tuple[str, ...], include_usage: bool):
         self.names = names
         self.include_usage = include_usage
-        self.outcome: str | None = None  # "ok" or "error" once the session ended
+        self.outcome: str | None = None  # a hogwild_requests_total outcome once the session ended
         self._header = {"id": completion_id, "object": "text_completion", "created": created, "model": model}
         self._steps = [1] * len(names)
 
@@ -44,9 +44,9 @@ class ChunkWriter:
         if isinstance(event, DoneEvent):
             self.outcome = "ok"
             return self._finish(event)
-        self.outcome = "error"
-        status = STATUS_BY_CODE.get(event.code, 500)
-        return [frame(error_body(status, event.message, event.code)), DONE_FRAME]
+        error = APIError.from_code(event.code, event.message)
+        self.outcome = outcome_of(error)  # as a non-streamed request failing the same way would be counted
+        return [frame(error.body()), DONE_FRAME]
 
     def _worker_chunk(self, event: TokenEvent | InsertedEvent | StepEndEvent | AnswerEvent) -> dict:
         hogwild: dict = {
@@ -85,7 +85,7 @@ async def stream_session(
 ) -> AsyncIterator[bytes]:
     """The SSE body of one session. Frames of events that arrived together (one engine step) go out in one write.
     However the stream ends (done, error, client gone), the session is closed, which cancels the engine's work if
-    any is left, and `on_end` receives the outcome ("ok", "error", "cancelled")."""
+    any is left, and `on_end` receives the outcome ("ok", "cancelled", or the failure's, see errors.outcome_of)."""
     try:
         while writer.outcome is None:
             event = await session.next_event(keepalive_seconds)

@@ -52,6 +52,12 @@ def test_run_reports_a_missing_model_without_a_traceback(tmp_path: Path) -> None
     assert str(tmp_path / "missing") in result.stderr and "Traceback" not in result.stderr
 
 
+def test_run_reports_an_unknown_device_without_a_traceback(tiny_model_dir: Path) -> None:
+    result = hogwild("run", "Say hi", "--model", str(tiny_model_dir), "--device", "nonsense")
+    assert result.returncode == 2
+    assert "device 'nonsense' is not a torch device" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_help_documents_every_subcommand() -> None:
     result = hogwild("--help")
     assert result.returncode == 0

@@ -20,6 +20,7 @@ from service.engine_process import STEP_FAILED_MESSAGE, EngineLoop
 from service.messages import Accepted, Cancel, Occupancy, Rejected, Shutdown, StepEvents, Submit
 
 SESSION_BYTES = 1000  # the scripted engine's cache per running session
+OPENING_TOKENS = 3  # the scripted engine's labels and first-step openings per session
 
 
 class ScriptedEngine:
@@ -44,6 +45,9 @@ class ScriptedEngine:
         if request.prompt == "bad":
             raise InvalidRequestError("bad prompt", "prompt")
         return len(request.prompt)
+
+    def opening_tokens(self, request: SessionRequest) -> int:
+        return OPENING_TOKENS
 
     def add_session(self, session_id: str, request: SessionRequest) -> None:
         if request.prompt == "huge":
@@ -124,7 +128,7 @@ def test_every_submit_is_answered_before_its_events() -> None:
     with Harness(ScriptedEngine()) as harness:
         harness.send(Submit("a", request()), Submit("b", request("bad")))
         replies = harness.until(ended("a"))
-    assert replies[0] == Accepted("a", 4)
+    assert replies[0] == Accepted("a", 4 + OPENING_TOKENS)  # usage's prompt tokens: chat prompt and openings
     assert replies[1] == Rejected("b", "invalid_request", "bad prompt", "prompt")
     events = events_of(replies)
     assert [request_id for request_id, _ in events] == ["a"] * 4
@@ -182,7 +186,7 @@ def test_a_request_that_can_never_fit_fails_instead_of_waiting_forever() -> None
     with Harness(ScriptedEngine()) as harness:
         harness.send(Submit("a", request("huge")))
         replies = harness.until(ended("a"))
-    assert replies[0] == Accepted("a", 4)
+    assert replies[0] == Accepted("a", 4 + OPENING_TOKENS)  # usage's prompt tokens: chat prompt and openings
     assert events_of(replies) == [("a", ErrorEvent("does not fit", "capacity_exceeded"))]
 
 

@@ -20,6 +20,7 @@ from engine.events import (
 )
 from service import app as app_module
 from service.app import create_app
+from service.bridge import exit_description
 from service.cli import build_parser, main
 from service.collect import CompletionCollector
 from service.errors import APIError
@@ -197,7 +198,11 @@ def test_chunk_writer_reports_an_error_then_done() -> None:
             "code": "engine_unavailable",
         }
     }
-    assert frames[-1] == DONE_FRAME and done == "[DONE]" and writer.outcome == "error"
+    assert frames[-1] == DONE_FRAME and done == "[DONE]"
+    assert writer.outcome == "unavailable"  # counted like a non-streamed request that lost its engine
+    failed = ChunkWriter("cmpl-2", 0, "m", NAMES, include_usage=False)
+    failed.frames(ErrorEvent("generation failed: RuntimeError: boom"))
+    assert failed.outcome == "error"
 
 
 def test_collector_builds_texts_transcript_answer_and_usage() -> None:
@@ -280,3 +285,11 @@ def test_session_counts_tokens_that_printed_nothing() -> None:
     session.deliver(TokenEvent(1, 1, "!", (7,)))
     assert session.silent_tokens(Usage(3, (2, 2), (1, 1))) == 1  # worker 1 then sampled its end of sequence
     assert session.silent_tokens(Usage(3, (2, 1), (1, 1))) == 0
+
+
+@pytest.mark.parametrize(
+    ("exit_code", "description"),
+    [(None, "stopped"), (1, "exited with code 1"), (-9, "was killed by SIGKILL"), (-11, "was killed by SIGSEGV")],
+)
+def test_an_engine_exit_is_described_as_it_happened(exit_code: int | None, description: str) -> None:
+    assert exit_description(exit_code) == description
