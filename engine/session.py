@@ -15,6 +15,7 @@ nothing: the events a session causes collect in it until `take_events()` returns
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from engine import prompts
 from engine.cache import SessionCache
@@ -69,6 +70,14 @@ class Worker:
     step_done: bool = False  # its last token ended the step: move the block to the history first
 
 
+def opening_tokens(tokenizer: Any, names: tuple[str, ...]) -> int:
+    """Tokens a session feeds with its chat prompt: the two section labels and every worker's first-step opening
+    (usage counts them as prompt tokens)."""
+    labels = (prompts.OTHERS_LABEL, prompts.OWN_LABEL)
+    openings = tuple(prompts.first_step(name, i) for i, name in enumerate(names))
+    return sum(len(tokenizer.encode(text, add_special_tokens=False)) for text in labels + openings)
+
+
 class Session:
     def __init__(
         self, session_id: str, request: SessionRequest, prompt_ids: list[int], model: LoadedModel, cache: SessionCache
@@ -101,7 +110,7 @@ class Session:
         for worker in self.workers:
             first = prompts.first_step(worker.name, worker.index)
             self._insert(worker, first, "header")
-        self.prompt_tokens = len(prompt_ids) + sum(map(len, self.labels)) + sum(len(w.pending) for w in self.workers)
+        self.prompt_tokens = len(prompt_ids) + opening_tokens(tokenizer, request.names)  # what usage counts
 
     # ---- what to feed -------------------------------------------------------------------------------------
 
@@ -109,13 +118,13 @@ class Session:
         """The tokens of this session's next forward. Moves finished steps into the history first."""
         if self.is_prefilling:
             return self._prefill_runs()
-        for worker in self.workers:
+        feeding = self.workers[:1] if self._finishing else self.workers  # the finisher: worker 0 alone
+        for worker in feeding:  # a worker that no longer writes opens no step it would leave empty
             if worker.step_done:
                 self._start_next_step(worker)
         if self.longest_view() > self._context_length:  # only when steps are far shorter than the check assumed
             self._finish(("length",) * len(self.workers))
             return []
-        feeding = self.workers[:1] if self._finishing else self.workers
         return [self._worker_run(w) for w in feeding]
 
     def _prefill_runs(self) -> list[Run]:

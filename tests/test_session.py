@@ -142,6 +142,17 @@ def test_finisher_forces_a_final_answer_beyond_the_budget_and_usage_counts_its_t
     assert done.usage.completion_tokens_per_worker == (5, 3)  # worker 0: its 3 budget tokens and "4", "}"
 
 
+def test_while_the_finisher_writes_the_other_workers_open_no_step(tokenizer) -> None:
+    """Bob's last budget token ends his step: no header of a step nobody will write is inserted or counted."""
+    session = make_session(tokenizer, num_workers=2, max_tokens=4)
+    events = drive(session, tokenizer, [[" a", " Ok"], [" b", "."], [" c", "\n"], [" d", "\n"], ["4"], ["}"]])
+    bob_after_budget = [e for e in events if isinstance(e, InsertedEvent) and e.worker == 1 and e.step > 1]
+    assert bob_after_budget == []
+    done = events[-1]
+    assert isinstance(done, DoneEvent) and done.answer == "4"
+    assert done.usage.steps_per_worker == (1, 1)
+
+
 def test_text_is_emitted_only_as_complete_utf8(tokenizer) -> None:
     emoji_ids = tokenizer.encode("🙂", add_special_tokens=False)
     assert len(emoji_ids) > 1  # the character spans several tokens
