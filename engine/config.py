@@ -18,6 +18,8 @@ MAX_WORKER_NAME_CHARS = 32
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_REDUNDANCY_CHECK_EVERY = 1024
 DEFAULT_PREFIX_CACHE_TOKENS = 4096
+DEFAULT_MAX_SESSIONS = 8  # sessions decoded together
+DEFAULT_TOKEN_LIMIT = 4096  # most tokens per worker a request may ask for
 DEFAULT_MODEL = "default"  # the embedded SmolLM2-135M-Instruct, see engine.default_model
 SUPPORTED_DTYPES = ("bfloat16", "float16", "float32")
 
@@ -130,8 +132,8 @@ class EngineConfig:
     device: str | None = None
     dtype: str | None = None
     max_workers: int = MAX_WORKERS
-    max_tokens: int = 4096
-    max_sessions: int = 8
+    max_tokens: int = DEFAULT_TOKEN_LIMIT
+    max_sessions: int = DEFAULT_MAX_SESSIONS
     cache_budget_tokens: int = 0
     prefix_cache_tokens: int = DEFAULT_PREFIX_CACHE_TOKENS
     cuda_graphs: bool = False

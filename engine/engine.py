@@ -2,7 +2,7 @@
 
     def step(self):
         runs = session.runs() for every session      # what each worker feeds, in which view
-        logits = self._forward(plan of all runs)     # one packed forward, no padding
+        logits = self.forward_logits(plan)           # one packed forward of all runs, no padding
         token_ids = sample(logits, ...)              # one token per worker that fed something
         session.commit(token_ids)                    # step ends, answers, budget -> events
 """
@@ -31,7 +31,7 @@ from engine.model import LoadedModel, load_model
 from engine.plan import ForwardPlan, build_forward
 from engine.prefix_cache import PAGE_TOKENS, PrefixCache
 from engine.sampling import make_generator, sample
-from engine.session import FINISHER_MAX_TOKENS, Session
+from engine.session import FINISHER_MAX_TOKENS, Session, opening_tokens
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,16 @@ PREFILL_TOKENS_PER_STEP = 1024  # prompt tokens one forward takes on top of the 
 WARM_UP_TASK = "Say hello."
 HUGE_PROMPT_MARGIN = 64  # tokens past the context a prompt's beginning must reach to be refused unread
 TYPICAL_TOKEN_CHARS = 8  # characters per token that ordinary text stays well under
+
+
+@dataclass(frozen=True)
+class CheckedRequest:
+    """A request that passed every check needing the model (Engine.checked), with what the checks computed."""
+
+    request: SessionRequest
+    prompt_ids: tuple[int, ...]  # the chat prompt: rules and task
+    longest_view: int  # tokens its longest view could reach: what the session reserves of the cache budget
+    prompt_tokens: int  # as usage counts them: the chat prompt, the section labels and first-step openings
 
 
 @dataclass
@@ -121,18 +131,10 @@ class Engine:
     def check(self, request: SessionRequest) -> int:
         """Every check possible before work starts; returns the chat prompt's token count (the common block
         before any worker writes: rules and task)."""
-        return len(self._checked(request)[0])
+        return len(self.checked(request).prompt_ids)
 
-    def opening_tokens(self, request: SessionRequest) -> int:
-        """Tokens a session feeds with its chat prompt: the section labels and every worker's first-step opening.
-        Usage counts them as prompt tokens: check() + opening_tokens() is the session's usage.prompt_tokens."""
-        encode = self.model.tokenizer.encode
-        labels = (prompts.OTHERS_LABEL, prompts.OWN_LABEL)
-        openings = (prompts.first_step(name, i) for i, name in enumerate(request.names))
-        return sum(len(encode(text, add_special_tokens=False)) for text in (*labels, *openings))
-
-    def _checked(self, request: SessionRequest) -> tuple[list[int], int]:
-        """Validates the request; returns its prompt ids and the longest view it could reach."""
+    def checked(self, request: SessionRequest) -> CheckedRequest:
+        """Every check possible before work starts, and what they computed, for add_session to reuse."""
         request.validate(self.config.max_workers, self.config.max_tokens)
         self._refuse_special_tokens(request)
         self._refuse_huge_prompt(request.prompt)
@@ -161,13 +163,15 @@ class Engine:
                 f"of {budget}; lower max_tokens or workers",
                 "max_tokens",
             )
-        return prompt_ids, longest
+        prompt_tokens = len(prompt_ids) + opening_tokens(self.model.tokenizer, request.names)
+        return CheckedRequest(request, tuple(prompt_ids), longest, prompt_tokens)
 
-    def add_session(self, session_id: str, request: SessionRequest) -> None:
-        """Checks and admits a session; it is prefilled on the next step."""
+    def add_session(self, session_id: str, request: SessionRequest | CheckedRequest) -> None:
+        """Admits a session (checking it first unless `checked` already did); it is prefilled on the next step."""
         if session_id in self._sessions:
             raise InvalidRequestError(f"session '{session_id}' already exists")
-        prompt_ids, reserve = self._checked(request)
+        checked = request if isinstance(request, CheckedRequest) else self.checked(request)
+        request, prompt_ids, reserve = checked.request, list(checked.prompt_ids), checked.longest_view
         if len(self._sessions) >= self.config.max_sessions:
             raise CapacityError(f"{self.config.max_sessions} sessions are already running")
         budget = self.config.cache_budget_tokens
@@ -198,17 +202,16 @@ class Engine:
         """Tokens the longest view can reach: prompt, labels, every worker's budget and what the engine inserts."""
         encode = lambda text: len(self.model.tokenizer.encode(text, add_special_tokens=False))  # noqa: E731
         workers, budget = request.num_workers, request.max_tokens
-        labels = encode(prompts.OTHERS_LABEL) + encode(prompts.OWN_LABEL)
         headers = sum(
-            encode(prompts.first_step(name, i)) + encode(prompts.step_header(name, budget)) *
-            math.ceil(budget / ASSUMED_MIN_STEP_TOKENS)
-            for i, name in enumerate(request.names)
+            encode(prompts.step_header(name, budget)) * math.ceil(budget / ASSUMED_MIN_STEP_TOKENS)
+            for name in request.names
         )
         checks = 0
         if request.redundancy_check_every:
             checks = encode(prompts.REDUNDANCY_CHECK) * math.ceil(workers * budget / request.redundancy_check_every)
         finisher = encode(prompts.FINISHER) + FINISHER_MAX_TOKENS if request.final_answer else 0
-        return prompt_tokens + labels + headers + workers * budget + checks + finisher
+        opening = opening_tokens(self.model.tokenizer, request.names)  # labels and first steps
+        return prompt_tokens + opening + headers + workers * budget + checks + finisher
 
     def _refuse_special_tokens(self, request: SessionRequest) -> None:
         """Refuses a prompt or worker name that spells one of the tokenizer's special tokens: the tokenizer would
@@ -260,21 +263,33 @@ class Engine:
     # ---- the loop -----------------------------------------------------------------------------------------
 
     def step(self) -> list[tuple[str, Event]]:
-        """One batched forward over every running session; returns (session id, event) in generation order."""
-        batch = [(session, session.runs()) for session in self._scheduled()]
+        """One batched forward over every running session; returns (session id, event) in generation order.
+
+        A fault fails only the sessions it touched: one session's planning (its cache growing, say) fails that
+        session; the forward fails the sessions in it. Every other session's events still come out this step."""
+        failed: list[tuple[str, Event]] = []
+        batch = []
+        for session in self._scheduled():
+            try:
+                batch.append((session, session.runs()))
+            except Exception as exc:
+                log.exception("planning the next forward of session %s failed", session.id)
+                failed += self._fail([session], exc)
         active = [(session, runs) for session, runs in batch if runs]
         if active:
             try:
                 self._advance(active)
-            except Exception as exc:  # a fault in the forward fails the sessions in it, not the engine
+            except Exception as exc:
                 log.exception("forward failed")
-                return self._fail([session for session, _ in active], exc)
-            self._store_prompts([session for session, _ in active])
+                failed += self._fail([session for session, _ in active], exc)
+                batch = [(session, runs) for session, runs in batch if not runs]
+            else:
+                self._store_prompts([session for session, _ in active])
         events = [(session.id, event) for session, _ in batch for event in session.take_events()]
         for session, _ in batch:
             if session.done:
                 self.cancel(session.id)
-        return events
+        return failed + events
 
     def _scheduled(self) -> list[Session]:
         """Every decoding session, plus the next prompt chunks of the oldest prefilling sessions while they fit in

@@ -45,7 +45,8 @@ class InsertedEvent:
 
 @dataclass(frozen=True)
 class StepEndEvent:
-    """A worker finished step `step`; its text (header included) now sits at the end of the shared history."""
+    """A worker finished step `step` (its text, header included); the step joins the end of the shared history
+    before the worker's next forward, in the order steps finish."""
 
     worker: int
     step: int
@@ -131,7 +132,8 @@ class DoneEvent:
 
 @dataclass(frozen=True)
 class ErrorEvent:
-    """The session failed after it started (a runtime fault, not bad input); its cache is freed."""
+    """The session ended in a failure: a runtime fault after it started, or, for a request still waiting for
+    admission, a refusal (`code` says which); whatever cache it held is freed."""
 
     message: str
     code: str = "engine_error"

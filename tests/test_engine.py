@@ -130,7 +130,7 @@ def test_done_reports_usage_and_frees_the_cache(tiny_engine: Engine) -> None:
     assert done.usage.completion_tokens_per_worker == (5, 5, 5)
     assert done.finish_reasons == ("length",) * 3
     # What the service reports before the session runs (an aborted request's usage) is what it ends with.
-    assert done.usage.prompt_tokens == tiny_engine.check(request) + tiny_engine.opening_tokens(request) > 0
+    assert done.usage.prompt_tokens == tiny_engine.checked(request).prompt_tokens > tiny_engine.check(request)
     assert tiny_engine.num_running == 0 and tiny_engine.cache_bytes == 0
 
 
@@ -158,6 +158,38 @@ def test_a_failed_forward_fails_its_sessions_and_the_engine_goes_on(tiny_engine:
     monkeypatch.undo()
     assert tiny_engine.num_running == 0
     assert isinstance(list(tiny_engine.generate(SessionRequest(prompt=TASK, max_tokens=2)))[-1], DoneEvent)
+
+
+def test_a_session_whose_planning_fails_fails_alone(tiny_engine: Engine, monkeypatch) -> None:
+    """Growing one session's cache can fail (out of memory); the other sessions keep decoding in that step."""
+    for session_id in ("ok", "bad"):
+        tiny_engine.add_session(session_id, SessionRequest(prompt=TASK, num_workers=2, max_tokens=3))
+    bad = tiny_engine._sessions["bad"]
+    monkeypatch.setattr(bad, "runs", lambda: (_ for _ in ()).throw(RuntimeError("out of memory")))
+    events = tiny_engine.step()
+    assert [(sid, type(e)) for sid, e in events if sid == "bad"] == [("bad", ErrorEvent)]
+    assert any(sid == "ok" and not isinstance(e, ErrorEvent) for sid, e in events)
+    assert tiny_engine.num_running == 1
+    while tiny_engine.num_running:
+        events += tiny_engine.step()
+    assert [type(e) for sid, e in events if sid == "ok"][-1] is DoneEvent
+
+
+def test_a_failed_forward_does_not_hold_back_a_session_that_ended_before_it(
+    tiny_engine: Engine, monkeypatch
+) -> None:
+    """A session that ended while planning (here: its context ran out) is not in the failed forward: its end
+    comes out in the same step, once."""
+    for session_id in ("ends", "fails"):
+        tiny_engine.add_session(session_id, SessionRequest(prompt=TASK, num_workers=2, max_tokens=20))
+    tiny_engine.step()  # prefill both
+    monkeypatch.setattr(tiny_engine._sessions["ends"], "longest_view", lambda: 10**9)
+    monkeypatch.setattr(tiny_engine, "_advance", lambda active: (_ for _ in ()).throw(RuntimeError("boom")))
+    events = tiny_engine.step()
+    assert [(sid, type(e)) for sid, e in events] == [("fails", ErrorEvent), ("ends", DoneEvent)]
+    assert events[1][1].finish_reasons == ("length", "length")
+    monkeypatch.undo()
+    assert tiny_engine.num_running == 0 and tiny_engine.step() == []
 
 
 @pytest.mark.parametrize(
