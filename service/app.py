@@ -57,7 +57,7 @@ def create_app(
         if path == COMPLETIONS_PATH:
             metrics.count_request(outcome_of(error))
 
-    install_error_handlers(app, count_error)
+    install_error_handlers(app, count_error, settings.retry_after_seconds)
     if settings.api_key is not None:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key.get_secret_value(), on_reject=count_error)
     if settings.cors_origins:

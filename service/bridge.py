@@ -65,13 +65,13 @@ class EngineProcess:
     process dies, even in the middle of a message, the reader gets EOF instead of waiting forever.
     """
 
-    def __init__(self, config: EngineConfig, max_running: int) -> None:
+    def __init__(self, config: EngineConfig, log_level: str = "info") -> None:
         context = multiprocessing.get_context("spawn")
         self.commands = context.Queue()
         self._replies, self._replies_writer = context.Pipe(duplex=False)
         self.process = context.Process(
             target=run_engine_process,
-            args=(config, max_running, self.commands, self._replies_writer),
+            args=(config, self.commands, self._replies_writer, log_level),
             name="hogwild-engine",
             daemon=True,
         )
@@ -85,8 +85,10 @@ class EngineProcess:
     def start(self, on_reply: Callable[[Reply], None], on_exit: Callable[[], None]) -> None:
         """Starts the process (blocking: spawn) and the reader thread that calls `on_reply` for every reply and
         `on_exit` once after the process is gone and its last replies were read."""
-        self.process.start()
-        self._replies_writer.close()
+        try:
+            self.process.start()
+        finally:
+            self._replies_writer.close()  # the child holds its own copy; without a child, nobody needs it
         self._reader = threading.Thread(
             target=self._read, args=(on_reply, on_exit), name="hogwild-engine-reader", daemon=True
         )
@@ -114,11 +116,15 @@ class EngineProcess:
         self._replies.close()
 
     def _read(self, on_reply: Callable[[Reply], None], on_exit: Callable[[], None]) -> None:
-        """Hands every reply to `on_reply` until the process is gone (EOF, or dead with nothing left to read)."""
-        while not self._is_stopping:
+        """Hands every reply to `on_reply` until the process is gone (EOF, or dead with nothing left to read).
+        While stopping, replies are still read (a busy engine blocked on a full pipe would never see Shutdown)
+        but no longer handed on."""
+        while True:
             try:
                 if self._replies.poll(POLL_SECONDS):
-                    on_reply(self._replies.recv())
+                    reply = self._replies.recv()
+                    if not self._is_stopping:
+                        on_reply(reply)
                 elif not self.process.is_alive():
                     break
             except (EOFError, OSError):
@@ -153,7 +159,7 @@ class EngineBridge:
         self.kv_cache_bytes = 0
         self.prefix_cache_bytes = 0
         self._config = settings.engine_config()
-        self._max_running = settings.max_sessions
+        self._log_level = settings.log_level
         self._max_requests = settings.max_requests
         self._retry_after = settings.retry_after_seconds
         self._on_ready = on_ready
@@ -163,6 +169,7 @@ class EngineBridge:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._failed_starts = 0
         self._is_stopping = False
+        self._is_draining = False  # set by abort_all: the server is going down, new requests are refused
         self._tasks: set[asyncio.Future[object]] = set()
 
     @property
@@ -187,6 +194,8 @@ class EngineBridge:
     async def open_session(self, request: SessionRequest) -> Session:
         """Submits a validated request and waits until the engine accepted it (the session is then queued or
         running). Raises APIError: 503 when not ready or full, 400 for failed checks."""
+        if self._is_draining:
+            raise unavailable("the server is shutting down", self._retry_after)
         if self.state is not EngineState.READY or self._process is None:
             raise unavailable(f"the engine is not ready ({self.state.value}): {self.status_message}", self._retry_after)
         if len(self._sessions) >= self._max_requests:
@@ -215,7 +224,8 @@ class EngineBridge:
 
     def abort_all(self) -> None:
         """Ends every session now (server shutdown): each gets a DoneEvent with finish_reason "abort", so streams
-        close with their finish chunks and [DONE], and the engine cancels the work."""
+        close with their finish chunks and [DONE], and the engine cancels the work. No session opens after it."""
+        self._is_draining = True
         for session in list(self._sessions.values()):
             self.release(session)
             session.deliver(session.aborted())
@@ -228,7 +238,7 @@ class EngineBridge:
     async def _spawn(self) -> None:
         self.state = EngineState.LOADING
         self.status_message = "starting the engine process"
-        process = EngineProcess(self._config, self._max_running)
+        process = EngineProcess(self._config, self._log_level)
         loop = asyncio.get_running_loop()
         on_reply = lambda reply: self._threadsafe(self._dispatch, process, reply)  # noqa: E731
         on_exit = lambda: self._threadsafe(self._on_exit, process)  # noqa: E731
@@ -321,8 +331,15 @@ class EngineBridge:
 
     async def _restart(self) -> None:
         await asyncio.sleep(RESTART_DELAY_SECONDS)
-        if not self._is_stopping:
+        if self._is_stopping:
+            return
+        try:
             await self._spawn()
+        except Exception as error:  # out of processes or file descriptors: nothing to wait for
+            logger.exception("starting a new engine process failed")
+            if self._process is not None:
+                self._run_in_background(asyncio.get_running_loop().run_in_executor(None, self._process.stop))
+            self._give_up(f"a new engine process could not start: {type(error).__name__}: {error}")
 
     def _run_in_background(self, awaitable: Awaitable[object]) -> None:
         task = asyncio.ensure_future(awaitable)

@@ -23,16 +23,16 @@ from clients.lanes import LaneRenderer
 from engine.config import (
     DEFAULT_MAX_TOKENS,
     DEFAULT_REDUNDANCY_CHECK_EVERY,
+    MAX_WORKERS,
     EngineConfig,
     SamplingParams,
     SessionRequest,
 )
 from engine.errors import HogwildError
 from engine.events import AnswerEvent, DoneEvent, ErrorEvent, Event, InsertedEvent, StepEndEvent, TokenEvent
-from service.settings import ENV_PREFIX, Settings
+from service.settings import ENV_PREFIX, LOG_FORMAT, Settings
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-LOG_FORMAT = "%(levelname)s:     %(name)s: %(message)s"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -103,7 +103,9 @@ def _literal_choices(annotation: object) -> list[str] | None:
 def _add_session_flags(parser: argparse.ArgumentParser) -> None:
     sampling = SamplingParams()
     parser.add_argument("task", help="the task (prompt) the workers solve together")
-    parser.add_argument("--workers", type=int, help="number of workers, 1..8 (default: one per --names, else 2)")
+    parser.add_argument(
+        "--workers", type=int, help=f"number of workers, 1..{MAX_WORKERS} (default: one per --names, else 2)"
+    )
     parser.add_argument("--names", help="comma-separated worker names, one per worker (default: Alice, Bob, ...)")
     parser.add_argument(
         "--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="token budget per worker (default: %(default)s)"

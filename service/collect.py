@@ -11,8 +11,11 @@ from service.session import Session
 class CompletionCollector:
     """Accumulates each worker's text (inserted + sampled, in order), the finished steps and the answer."""
 
-    def __init__(self, completion_id: str, created: int, model: str, names: tuple[str, ...]) -> None:
+    def __init__(
+        self, completion_id: str, created: int, model: str, names: tuple[str, ...], retry_after: int = 1
+    ) -> None:
         self.completion_id = completion_id
+        self.retry_after = retry_after  # seconds, for a 503 the session ends with
         self.created = created
         self.model = model
         self.names = names
@@ -33,7 +36,7 @@ class CompletionCollector:
         elif isinstance(event, DoneEvent):
             return self._response(event)
         elif isinstance(event, ErrorEvent):
-            raise APIError.from_code(event.code, event.message)
+            raise APIError.from_code(event.code, event.message, retry_after=self.retry_after)
         return None
 
     async def collect(self, session: Session) -> CompletionResponse:

@@ -11,10 +11,11 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import queue
+import signal
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
-from engine.config import EngineConfig, SessionRequest
+from engine.config import EngineConfig
 from engine.errors import CapacityError, HogwildError
 from engine.events import DoneEvent, ErrorEvent
 from service.messages import (
@@ -30,23 +31,29 @@ from service.messages import (
     StepEvents,
     Submit,
 )
+from service.settings import LOG_FORMAT
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
     from multiprocessing.queues import Queue
 
-    from engine.engine import Engine
+    from engine.engine import CheckedRequest, Engine
 
 logger = logging.getLogger("hogwild.engine_process")
 
 PARENT_CHECK_SECONDS = 1.0  # how often an idle engine checks that the API process still lives
 STEP_FAILED_MESSAGE = "the engine failed while generating; the session was stopped"
+ADMIT_FAILED_MESSAGE = "the engine could not start the session"
 
 
-def run_engine_process(config: EngineConfig, max_running: int, commands: Queue[Command], replies: Connection) -> None:
+def run_engine_process(
+    config: EngineConfig, commands: Queue[Command], replies: Connection, log_level: str = "info"
+) -> None:
     """Entry point of the spawned engine process. Sends `Ready` or `LoadFailed`, then serves until `Shutdown`
     arrives or the API process goes away."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Ctrl+C reaches the whole process group; the API process stops this one itself (sessions end with "abort").
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT)
     from engine.engine import Engine  # torch is imported here, in the engine process only
 
     try:
@@ -68,7 +75,7 @@ def run_engine_process(config: EngineConfig, max_running: int, commands: Queue[C
             replies.send(LoadFailed("load_failed", message))
             return
         replies.send(Ready(engine.model_name, engine.context_length))
-        EngineLoop(engine, max_running, commands, replies).run()
+        EngineLoop(engine, commands, replies).run()
     except (BrokenPipeError, EOFError):
         logger.info("the API process is gone; the engine stops")
 
@@ -81,12 +88,11 @@ class EngineLoop:
     it leaves `running` when its DoneEvent or ErrorEvent is forwarded or when it is cancelled.
     """
 
-    def __init__(self, engine: Engine, max_running: int, commands: Queue[Command], replies: Connection) -> None:
+    def __init__(self, engine: Engine, commands: Queue[Command], replies: Connection) -> None:
         self.engine = engine
-        self.max_running = max_running
         self.commands = commands
         self.replies = replies
-        self.waiting: OrderedDict[str, SessionRequest] = OrderedDict()
+        self.waiting: OrderedDict[str, CheckedRequest] = OrderedDict()
         self.running: set[str] = set()
         self._reported = Occupancy(0, 0)
 
@@ -131,7 +137,7 @@ class EngineLoop:
 
     def _check(self, submit: Submit) -> None:
         try:
-            prompt_tokens = self.engine.check(submit.request) + self.engine.opening_tokens(submit.request)
+            checked = self.engine.checked(submit.request)
         except HogwildError as error:
             self.replies.send(Rejected(submit.request_id, error.code, error.message, error.param))
             return
@@ -141,12 +147,12 @@ class EngineLoop:
                 Rejected(submit.request_id, "engine_error", "the engine could not check the request", None)
             )
             return
-        self.waiting[submit.request_id] = submit.request
-        self.replies.send(Accepted(submit.request_id, prompt_tokens))
+        self.waiting[submit.request_id] = checked  # admitted later without checking (tokenizing) it again
+        self.replies.send(Accepted(submit.request_id, checked.prompt_tokens))
 
     def _admit(self) -> None:
         """Moves waiting requests into the engine, oldest first, while it has room."""
-        while self.waiting and self.engine.num_running < self.max_running:
+        while self.waiting and self.engine.num_running < self.engine.config.max_sessions:
             request_id, request = next(iter(self.waiting.items()))
             try:
                 self.engine.add_session(request_id, request)
@@ -160,7 +166,7 @@ class EngineLoop:
                 continue
             except Exception:
                 logger.exception("admitting request %s failed", request_id)
-                self._fail_waiting(request_id, STEP_FAILED_MESSAGE, "engine_error")
+                self._fail_waiting(request_id, ADMIT_FAILED_MESSAGE, "engine_error")
                 continue
             del self.waiting[request_id]
             self.running.add(request_id)

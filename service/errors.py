@@ -112,9 +112,12 @@ def outcome_of(error: APIError) -> str:
     return "error"
 
 
-def install_error_handlers(app: FastAPI, on_error: Callable[[str, APIError], None]) -> None:
+def install_error_handlers(
+    app: FastAPI, on_error: Callable[[str, APIError], None], retry_after: int = 1
+) -> None:
     """Routes every error path (ours, the engine's, FastAPI's, Starlette's, unexpected) to an OpenAI body;
-    `on_error(path, error)` sees each answered error (for metrics)."""
+    `on_error(path, error)` sees each answered error (for metrics); a 503 tells clients to retry after
+    `retry_after` seconds."""
 
     def respond(request: Request, error: APIError) -> JSONResponse:
         on_error(request.url.path, error)
@@ -126,7 +129,7 @@ def install_error_handlers(app: FastAPI, on_error: Callable[[str, APIError], Non
 
     @app.exception_handler(HogwildError)
     async def _engine_error(request: Request, exc: HogwildError) -> JSONResponse:
-        return respond(request, APIError.from_code(exc.code, exc.message, exc.param))
+        return respond(request, APIError.from_code(exc.code, exc.message, exc.param, retry_after))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -79,7 +79,9 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         writer = ChunkWriter(session.request_id, created, model, session_request.names, body.include_usage)
         events = stream_session(session, writer, settings.keepalive_seconds, _metrics(request).count_request)
         return EventSourceResponse(events, ping=0, sep="\n")
-    collector = CompletionCollector(session.request_id, created, model, session_request.names)
+    collector = CompletionCollector(
+        session.request_id, created, model, session_request.names, settings.retry_after_seconds
+    )
     return await _collect_unless_disconnected(session, collector, request)
 
 

@@ -11,7 +11,16 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from engine.config import DEFAULT_MODEL, DEFAULT_PREFIX_CACHE_TOKENS, MAX_WORKERS, EngineConfig
+from engine.config import (
+    DEFAULT_MAX_SESSIONS,
+    DEFAULT_MODEL,
+    DEFAULT_PREFIX_CACHE_TOKENS,
+    DEFAULT_TOKEN_LIMIT,
+    MAX_WORKERS,
+    EngineConfig,
+)
+
+LOG_FORMAT = "%(levelname)s:     %(name)s: %(message)s"  # uvicorn's look, in both processes
 
 ENV_PREFIX = "HOGWILD_"
 
@@ -36,8 +45,10 @@ class Settings(BaseSettings):
         None, description="when set, /v1/* requests need the header 'Authorization: Bearer <key>'"
     )
     max_workers: int = Field(MAX_WORKERS, ge=1, le=MAX_WORKERS, description="most workers one request may ask for")
-    max_tokens: int = Field(4096, ge=1, description="most tokens per worker one request may ask for")
-    max_sessions: int = Field(8, ge=1, description="sessions the engine runs at once (batched together)")
+    max_tokens: int = Field(DEFAULT_TOKEN_LIMIT, ge=1, description="most tokens per worker one request may ask for")
+    max_sessions: int = Field(
+        DEFAULT_MAX_SESSIONS, ge=1, description="sessions the engine runs at once (batched together)"
+    )
     max_queued: int = Field(32, ge=0, description="accepted requests that may wait for a free session; beyond: 503")
     cache_budget_tokens: int = Field(0, ge=0, description="KV-cache tokens all sessions may reserve (0: no budget)")
     prefix_cache_tokens: int = Field(

@@ -13,7 +13,8 @@ from collections.abc import Callable
 
 import pytest
 
-from engine.config import SessionRequest
+from engine.config import EngineConfig, SessionRequest
+from engine.engine import CheckedRequest
 from engine.errors import CapacityError, InvalidRequestError
 from engine.events import DoneEvent, ErrorEvent, Event, TokenEvent, Usage
 from service.engine_process import STEP_FAILED_MESSAGE, EngineLoop
@@ -41,15 +42,14 @@ class ScriptedEngine:
     def num_running(self) -> int:
         return len(self.sessions)
 
-    def check(self, request: SessionRequest) -> int:
+    def checked(self, request: SessionRequest) -> CheckedRequest:
         if request.prompt == "bad":
             raise InvalidRequestError("bad prompt", "prompt")
-        return len(request.prompt)
+        prompt_ids = tuple(range(len(request.prompt)))
+        return CheckedRequest(request, prompt_ids, len(prompt_ids), len(prompt_ids) + OPENING_TOKENS)
 
-    def opening_tokens(self, request: SessionRequest) -> int:
-        return OPENING_TOKENS
-
-    def add_session(self, session_id: str, request: SessionRequest) -> None:
+    def add_session(self, session_id: str, checked: CheckedRequest) -> None:
+        request = checked.request
         if request.prompt == "huge":
             raise CapacityError("does not fit")
         self.sessions[session_id] = [0, request.max_tokens]
@@ -82,12 +82,13 @@ class Outbox(queue.Queue):
 class Harness:
     """Runs an EngineLoop in a thread over in-process queues; `send` commands, read replies until a condition."""
 
-    def __init__(self, engine: ScriptedEngine, max_running: int = 2) -> None:
+    def __init__(self, engine: ScriptedEngine, max_sessions: int = 2) -> None:
         self.engine = engine
         self.inbox: queue.Queue = queue.Queue()
         self.outbox = Outbox()
         self.replies: list = []
-        loop = EngineLoop(engine, max_running, self.inbox, self.outbox)  # type: ignore[arg-type]
+        engine.config = EngineConfig(max_sessions=max_sessions)
+        loop = EngineLoop(engine, self.inbox, self.outbox)  # type: ignore[arg-type]
         self._thread = threading.Thread(target=loop.run)
 
     def __enter__(self) -> Harness:
@@ -144,7 +145,7 @@ def test_the_caches_held_before_any_request_are_reported_at_once() -> None:
 
 
 def test_waiting_requests_are_admitted_in_order_within_the_running_limit() -> None:
-    with Harness(ScriptedEngine(), max_running=1) as harness:
+    with Harness(ScriptedEngine(), max_sessions=1) as harness:
         harness.send(*[Submit(name, request()) for name in "abc"])
         replies = harness.until(ended("c"))
     order = [request_id for request_id, event in events_of(replies) if isinstance(event, TokenEvent)]
@@ -156,7 +157,7 @@ def test_waiting_requests_are_admitted_in_order_within_the_running_limit() -> No
 
 def test_cancel_drops_a_waiting_request_and_stops_a_running_one() -> None:
     engine = ScriptedEngine()
-    with Harness(engine, max_running=1) as harness:
+    with Harness(engine, max_sessions=1) as harness:
         harness.send(Submit("a", request(max_tokens=10**9)), Submit("b", request()))
         harness.until(lambda replies: Occupancy(1, 1, SESSION_BYTES) in replies)
         harness.send(Cancel("b"), Cancel("a"))
@@ -209,7 +210,7 @@ def test_a_model_that_fails_its_warm_up_session_is_reported_as_a_failed_load(mon
 
     monkeypatch.setattr(Engine, "load", classmethod(lambda cls, config, progress=None: WarmUpFails()))
     receive, send = multiprocessing.Pipe(duplex=False)
-    run_engine_process(EngineConfig(), 1, queue.Queue(), send)  # returns without serving
+    run_engine_process(EngineConfig(), queue.Queue(), send)  # returns without serving
     replies = []
     while receive.poll():
         replies.append(receive.recv())

@@ -61,6 +61,19 @@ def test_api_process_never_imports_torch(env: dict[str, str]) -> None:
         assert engine_pid is not None and maps_torch(engine_pid)  # the check does see torch where it is
 
 
+def test_the_engine_process_ignores_an_interrupt_meant_for_the_server(env: dict[str, str]) -> None:
+    """Ctrl+C signals the whole process group; the server stops the engine itself, so the engine must not die
+    first (its requests would fail as "engine lost" instead of ending with "abort")."""
+    server = LiveServer(env, [])
+    with server as url:
+        engine_pid = server.engine_pid()
+        assert engine_pid is not None
+        os.kill(engine_pid, signal.SIGINT)
+        assert not exits_within(engine_pid, 2)
+        assert httpx.post(f"{url}/v1/hogwild/completions", json=QUICK_SESSION).status_code == 200
+        assert server.engine_pid() == engine_pid
+
+
 def test_engine_crash_fails_inflight_requests_then_the_server_recovers(env: dict[str, str]) -> None:
     server = LiveServer(env, [])
     with server as url, ThreadPoolExecutor(1) as pool:
@@ -104,6 +117,14 @@ def test_serve_exits_with_a_clear_message_when_the_model_cannot_load(tmp_path: P
     assert "Traceback" not in result.stderr
 
 
+def wait_for_first_tokens(url: str, sessions: int, timeout: float = 30.0) -> None:
+    """Waits until `sessions` requests have had their first token (the time-to-first-token histogram's count)."""
+    deadline = time.monotonic() + timeout
+    while metric_values(httpx.get(f"{url}/metrics").text)["hogwild_time_to_first_token_seconds_count"] < sessions:
+        assert time.monotonic() < deadline, f"{sessions} sessions did not get a first token in {timeout} s"
+        time.sleep(0.05)
+
+
 def test_stopping_the_server_ends_sessions_with_finish_reason_abort(env: dict[str, str]) -> None:
     server = LiveServer(env, [])
     with server as url, ThreadPoolExecutor(1) as pool:
@@ -115,6 +136,7 @@ def test_stopping_the_server_ends_sessions_with_finish_reason_abort(env: dict[st
             data = sse_data(stream)
             assert "hogwild" in json.loads(next(data))
             wait_for_sessions(url, running=2)
+            wait_for_first_tokens(url, sessions=2)  # the non-streamed one too has something to report
             server.process.send_signal(signal.SIGTERM)
             rest = [item if item == "[DONE]" else json.loads(item) for item in data]
         assert rest[-1] == "[DONE]"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
+from engine.config import SessionRequest
 from engine.events import (
     AnswerEvent,
     DoneEvent,
@@ -19,8 +21,9 @@ from engine.events import (
     Usage,
 )
 from service import app as app_module
+from service import bridge as bridge_module
 from service.app import create_app
-from service.bridge import exit_description
+from service.bridge import EngineBridge, EngineState, exit_description
 from service.cli import build_parser, main
 from service.collect import CompletionCollector
 from service.errors import APIError
@@ -293,3 +296,42 @@ def test_session_counts_tokens_that_printed_nothing() -> None:
 )
 def test_an_engine_exit_is_described_as_it_happened(exit_code: int | None, description: str) -> None:
     assert exit_description(exit_code) == description
+
+
+class SentCommands:
+    """An engine process stand-in that records the commands it is sent."""
+
+    pid = None
+
+    def __init__(self) -> None:
+        self.sent: list[object] = []
+
+    def send(self, command: object) -> None:
+        self.sent.append(command)
+
+
+def test_after_abort_all_no_session_opens() -> None:
+    """Shutdown aborts every session; a request that reaches the bridge after that (its body was still arriving)
+    must not start a generation the server would then wait for."""
+    bridge = EngineBridge(Settings(), Metrics())
+    bridge.state, bridge._process = EngineState.READY, SentCommands()  # type: ignore[assignment]
+    bridge.abort_all()
+    with pytest.raises(APIError) as raised:
+        asyncio.run(asyncio.wait_for(bridge.open_session(SessionRequest(prompt="Hi")), 5))
+    assert raised.value.status == 503 and "shutting down" in raised.value.message
+    assert bridge._process.sent == []  # type: ignore[union-attr]
+
+
+def test_an_engine_that_cannot_be_restarted_is_given_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the new process there is nothing to wait for: the server says so instead of loading forever."""
+    fatal: list[str] = []
+    bridge = EngineBridge(Settings(), Metrics(), on_fatal=fatal.append)
+
+    async def no_process() -> None:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(bridge, "_spawn", no_process)
+    monkeypatch.setattr(bridge_module, "RESTART_DELAY_SECONDS", 0.0)
+    asyncio.run(bridge._restart())
+    assert bridge.state is EngineState.FAILED
+    assert fatal and "could not start" in fatal[0] and "Too many open files" in fatal[0]
