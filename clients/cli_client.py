@@ -1,7 +1,8 @@
 """`hogwild client "task"`: stream a session from a running server into terminal lanes.
 
-Exit codes: 0 when the session ran to its end, 1 when the server refused or failed it or could not be
-reached (the message is printed, never a traceback), 130 when interrupted (the session is cancelled).
+Exit codes: 0 when the session ran to its end, 1 when the server refused, failed or aborted it (a server that
+shuts down aborts its sessions) or could not be reached (the message is printed, never a traceback), 130 when
+interrupted (the session is cancelled).
 """
 
 from __future__ import annotations
@@ -74,14 +75,19 @@ def run_client(args: argparse.Namespace) -> int:
 def _stream(client: HogwildClient, task: str, options: dict[str, object], names: list[str], plain: bool) -> int:
     renderer = LaneRenderer(names, sys.stdout, is_tty=False if plain else None)
     usage: dict[str, object] | None = None
+    aborted = False
     with client.stream(task, include_usage=True, **options) as events:
         for event in events:
+            aborted |= event.kind == "finish" and event.finish_reason == "abort"
             if event.kind == "usage" and event.usage is not None:
                 usage = dataclasses.asdict(event.usage)  # back to the server's shape, which the summary reads
                 usage["prompt_tokens_details"] = {"cached_tokens": usage.pop("cached_tokens")}
             elif event.worker is not None and event.kind in LANE_KINDS:
                 renderer.feed(event.worker, event.kind, _lane_text(event))
     renderer.finish(None, usage)  # the answer, if any, came as an "answer" event
+    if aborted:
+        print("error: the server stopped the session before its end (finish_reason abort)", file=sys.stderr)
+        return 1
     return 0
 
 

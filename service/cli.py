@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import socket
 import sys
 import typing
@@ -141,6 +142,8 @@ def serve_command(args: argparse.Namespace) -> int:
     from service.app import create_app
 
     logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
+    for warning in Settings.unknown_variables(os.environ):
+        logging.getLogger("hogwild.settings").warning("%s", warning)
     url = f"http://{settings.host}:{settings.port}"
     failures: list[str] = []
     server: uvicorn.Server | None = None

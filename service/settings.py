@@ -6,6 +6,8 @@ count as unset.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Mapping
 from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
@@ -23,6 +25,8 @@ from engine.config import (
 LOG_FORMAT = "%(levelname)s:     %(name)s: %(message)s"  # uvicorn's look, in both processes
 
 ENV_PREFIX = "HOGWILD_"
+# Variables of this prefix read elsewhere: the default model's cache folder, the client's server URL and key.
+OTHER_VARIABLES = {"HOGWILD_CACHE_DIR", "HOGWILD_URL"}
 
 
 class Settings(BaseSettings):
@@ -64,7 +68,9 @@ class Settings(BaseSettings):
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="comma-separated origins allowed by CORS (empty: CORS off)"
     )
-    keepalive_seconds: float = Field(10.0, gt=0, description="interval of ': ping' comments on an idle stream")
+    keepalive_seconds: float = Field(
+        10.0, gt=0, allow_inf_nan=False, description="interval of ': ping' comments on an idle stream"
+    )
     retry_after_seconds: int = Field(2, ge=1, description="Retry-After value of 503 answers")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="log level")
 
@@ -90,6 +96,18 @@ class Settings(BaseSettings):
         )
         config.validate()
         return config
+
+    @classmethod
+    def unknown_variables(cls, environ: Mapping[str, str]) -> list[str]:
+        """Warnings for HOGWILD_* variables that set nothing (a misspelt setting is otherwise silently ignored),
+        each with the closest setting's name."""
+        known = {ENV_PREFIX + name.upper() for name in cls.model_fields} | OTHER_VARIABLES
+        warnings = []
+        for name in sorted(n for n in environ if n.upper().startswith(ENV_PREFIX) and n.upper() not in known):
+            close = difflib.get_close_matches(name.upper(), sorted(known), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            warnings.append(f"{name} is not a setting and is ignored{hint}")
+        return warnings
 
     @property
     def max_requests(self) -> int:

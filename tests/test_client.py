@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import functools
 import json
 import re
 from collections.abc import AsyncIterator, Iterator
@@ -22,6 +23,7 @@ from clients import (
     HogwildClient,
     HogwildConnectionError,
     StreamEvent,
+    cli_client,
     group_by_worker,
     worker_texts,
 )
@@ -369,3 +371,15 @@ def cli_args(url: str, *extra: str) -> argparse.Namespace:
     add_arguments(parser)
     key = [] if "--api-key" in extra else ["--api-key", API_KEY]
     return parser.parse_args(["What is 2 + 3?", "--url", url, *key, *extra])
+
+
+def test_cli_client_reports_a_session_the_server_aborted(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A server shutting down ends its sessions with finish_reason "abort": not a session that ran to its end."""
+    aborted = [*SESSION[:5], chunk(0, "finish", finish="abort"), chunk(1, "finish", finish="abort"), SESSION[-1]]
+    for chunks, exit_code in ((aborted, 1), (SESSION, 0)):
+        transport = streaming_transport(sse_bytes(chunks), 64)
+        monkeypatch.setattr(cli_client, "HogwildClient", functools.partial(HogwildClient, transport=transport))
+        assert run_client(cli_args("http://test", "--plain")) == exit_code
+        assert ("finish_reason abort" in capsys.readouterr().err) == (exit_code == 1)

@@ -102,6 +102,20 @@ def test_serve_with_invalid_settings_exits_2_without_a_traceback(
     assert "max_sessions" in error and "Traceback" not in error
 
 
+def test_misspelt_settings_are_named_with_the_setting_they_resemble() -> None:
+    environ = {"HOGWILD_MAX_SESSION": "1", "HOGWILD_MODEL": "x", "HOGWILD_CACHE_DIR": "/c", "HOME": "/root"}
+    assert Settings.unknown_variables(environ) == [
+        "HOGWILD_MAX_SESSION is not a setting and is ignored (did you mean HOGWILD_MAX_SESSIONS?)"
+    ]
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "0"])
+def test_keepalive_must_be_a_finite_positive_interval(clean_env: pytest.MonkeyPatch, value: str) -> None:
+    clean_env.setenv("HOGWILD_KEEPALIVE_SECONDS", value)
+    with pytest.raises(ValidationError, match="keepalive_seconds"):
+        Settings()
+
+
 def test_run_with_invalid_request_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["run", "task", "--workers", "9"]) == 2
     assert "workers" in capsys.readouterr().err

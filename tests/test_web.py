@@ -172,7 +172,7 @@ def test_busy_server_and_lost_connection_are_shown(page: Page) -> None:
     fill(page, max_tokens=4)
     page.click("#start")
     assert wait_until_not_running(page) == "error"
-    expect(page.locator("#error")).to_contain_text("the queue is full Try again in 3 s. (HTTP 503)")
+    expect(page.locator("#error")).to_contain_text("the queue is full. Try again in 3 s. (HTTP 503)")
 
     chunk = {"choices": [{"index": 0, "text": "Hel"}], "hogwild": {"worker": 0, "name": "Alice", "kind": "token"}}
     cut_short = f'data: {json.dumps(chunk)}\n\ndata: {{"choi'
@@ -186,6 +186,37 @@ def test_busy_server_and_lost_connection_are_shown(page: Page) -> None:
     assert wait_until_not_running(page) == "error"
     expect(page.locator("#error")).to_contain_text("Connection lost")
     expect(page.locator("#lanes .lane[data-worker='0'] .lane-text")).to_have_text("Hel")
+
+
+def test_a_run_the_server_aborts_is_shown_as_stopped_not_finished(page: Page) -> None:
+    """A server that shuts down ends its sessions with finish_reason "abort", then [DONE]."""
+
+    def chunk(worker: int, kind: str, text: str = "", finish_reason: str | None = None) -> str:
+        choice = {"index": worker, "text": text, "finish_reason": finish_reason}
+        hogwild = {"worker": worker, "name": ("Alice", "Bob")[worker], "kind": kind}
+        return f"data: {json.dumps({'choices': [choice], 'hogwild': hogwild})}\n\n"
+
+    finishes = [chunk(worker, "finish", finish_reason="abort") for worker in (0, 1)]
+    body = chunk(0, "token", "Hi") + "".join(finishes) + "data: [DONE]\n\n"
+
+    def answer_aborted(route: Route) -> None:
+        route.fulfill(status=200, body=body, headers={"Content-Type": "text/event-stream"})
+
+    page.route("**/v1/hogwild/completions", answer_aborted)
+    fill(page, workers=2, max_tokens=4)
+    page.click("#start")
+    assert wait_until_not_running(page) == "stopped"
+    expect(page.locator("#stat-status")).to_have_text("stopped by the server")
+
+
+def test_the_server_indicator_follows_the_server_after_it_was_ready(page: Page) -> None:
+    expect(page.locator("#server-text")).to_contain_text("· ready")
+    down = {"status": "down", "model": None, "message": "the engine process was killed by SIGKILL; restarting"}
+    page.route("**/health", lambda route: route.fulfill(status=503, json=down))
+    expect(page.locator("#server-text")).to_have_text("engine restarting…", timeout=15_000)
+    expect(page.locator("#server")).to_have_attribute("data-health", "loading")
+    page.unroute("**/health")
+    expect(page.locator("#server-text")).to_contain_text("· ready", timeout=15_000)
 
 
 def test_sse_parser_keeps_partial_events_across_reads(page: Page) -> None:

@@ -8,7 +8,9 @@ import { SSEParser } from "./sse.js";
 const COMPLETIONS = "v1/hogwild/completions";
 const NUMBER_FIELDS = ["workers", "max_tokens", "temperature", "redundancy_check_every", "seed"];
 const TICK_MS = 100;
-const HEALTH_RETRY_MS = 2000;
+const HEALTH_RETRY_MS = 2000; // while the server is not ready
+const HEALTH_POLL_MS = 5000; // while it is
+const SERVER_STATES = { down: "engine restarting…", failed: "engine failed", stopped: "server stopping" };
 
 const $ = (id) => document.getElementById(id);
 let run = null; // the session on screen: see newRun()
@@ -75,7 +77,8 @@ async function start(event) {
     current.lanes = buildLanes($("lanes"), current.workers);
     setState("running", "generating");
     await consume(response, current);
-    end(current, "done", "finished");
+    const aborted = current.lanes.some((lane) => lane.el.dataset.finish === "abort");
+    end(current, aborted ? "stopped" : "done", aborted ? "stopped by the server" : "finished");
   } catch (error) {
     if (current.controller.signal.aborted) end(current, "stopped", "stopped");
     else fail(current, error);
@@ -97,7 +100,7 @@ async function httpError(response) {
   }
   if (!error.message) error.message = `${response.status} ${response.statusText}`.trim();
   const retry = response.headers.get("Retry-After");
-  if (response.status === 503 && retry) error.message += ` Try again in ${retry} s.`;
+  if (response.status === 503 && retry) error.message = `${error.message.replace(/\.?$/, ".")} Try again in ${retry} s.`;
   if (response.status === 401) error.param = "api_key";
   return new ServerError(error, response.status);
 }
@@ -241,21 +244,22 @@ function updateCounters() {
 
 // ---- server status -----------------------------------------------------------------------------------------
 
+// Polled for the page's lifetime: a server can restart its engine, stop, or come back.
 async function watchServer() {
   const label = $("server-text");
   const dot = $("server");
+  let ready = false;
   try {
     const response = await fetch("health", { cache: "no-store" });
     const health = await response.json().catch(() => ({}));
-    const ready = response.ok;
-    dot.dataset.health = ready ? "ok" : "loading";
-    label.textContent = ready ? `${health.model || "model"} · ready` : "model loading…";
-    if (ready) return;
+    ready = response.ok;
+    dot.dataset.health = ready ? "ok" : health.status === "failed" ? "down" : "loading";
+    label.textContent = ready ? `${health.model || "model"} · ready` : SERVER_STATES[health.status] || "model loading…";
   } catch {
     dot.dataset.health = "down";
     label.textContent = "server unreachable";
   }
-  setTimeout(watchServer, HEALTH_RETRY_MS);
+  setTimeout(watchServer, ready ? HEALTH_POLL_MS : HEALTH_RETRY_MS);
 }
 
 function init() {
