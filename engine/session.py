@@ -97,7 +97,7 @@ class Session:
         self._generated = 0  # sampled tokens over all workers, for the redundancy check cadence
         self._next_check = request.redundancy_check_every or None
         self._check_due = False
-        self._steps_taken = 0  # lockstep decode steps (the budget)
+        self._decode_rounds = 0  # lockstep forwards that sampled a token for every worker (the budget counts these)
         self._finishing = False
         self._finisher_text = ""
         self._finisher_tokens = 0
@@ -197,8 +197,8 @@ class Session:
                 if self.done:
                     break
             if not self.done:
-                self._steps_taken += 1
-                if self._steps_taken >= self.request.max_tokens:
+                self._decode_rounds += 1
+                if self._decode_rounds >= self.request.max_tokens:
                     self._out_of_budget()
 
     def _commit_token(self, worker: Worker, token_id: int) -> None:

@@ -38,7 +38,7 @@ from service.messages import (
     Submit,
 )
 from service.metrics import Metrics
-from service.session import Session
+from service.session import SessionHandle
 from service.settings import Settings
 
 logger = logging.getLogger("hogwild.bridge")
@@ -164,7 +164,7 @@ class EngineBridge:
         self._retry_after = settings.retry_after_seconds
         self._on_ready = on_ready
         self._on_fatal = on_fatal
-        self._sessions: dict[str, Session] = {}
+        self._sessions: dict[str, SessionHandle] = {}
         self._process: EngineProcess | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._failed_starts = 0
@@ -191,7 +191,7 @@ class EngineBridge:
         self._fail_sessions("the server is shutting down", "engine_unavailable")
         self.state = EngineState.STOPPED
 
-    async def open_session(self, request: SessionRequest) -> Session:
+    async def open_session(self, request: SessionRequest) -> SessionHandle:
         """Submits a validated request and waits until the engine accepted it (the session is then queued or
         running). Raises APIError: 503 when not ready or full, 400 for failed checks."""
         if self._is_draining:
@@ -205,7 +205,7 @@ class EngineBridge:
                 "queue_full",
                 headers={"Retry-After": str(self._retry_after)},
             )
-        session = Session(f"cmpl-{uuid.uuid4().hex}", request.num_workers, self.release)
+        session = SessionHandle(f"cmpl-{uuid.uuid4().hex}", request.num_workers, self.release)
         self._sessions[session.request_id] = session
         self._process.send(Submit(session.request_id, request))
         try:
@@ -230,7 +230,7 @@ class EngineBridge:
             self.release(session)
             session.deliver(session.aborted())
 
-    def release(self, session: Session) -> None:
+    def release(self, session: SessionHandle) -> None:
         """Forgets a session; if it had not finished, the engine cancels it."""
         if self._sessions.pop(session.request_id, None) is not None and self._process is not None:
             self._process.send(Cancel(session.request_id))
@@ -274,7 +274,7 @@ class EngineBridge:
 
     def _route_events(self, events: list[tuple[str, Event]]) -> None:
         now = time.monotonic()
-        sampled: dict[str, Session] = {}
+        sampled: dict[str, SessionHandle] = {}
         for request_id, event in events:
             if isinstance(event, TokenEvent):
                 self.metrics.generated_tokens += len(event.token_ids)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from engine.events import AnswerEvent, DoneEvent, ErrorEvent, Event, InsertedEvent, StepEndEvent, TokenEvent
 from service.errors import APIError
 from service.schemas import CompletionResponse, CompletionUsage, TranscriptStep, WorkerChoice, WorkerViewBody
-from service.session import Session
+from service.session import SessionHandle
 
 
 class CompletionCollector:
@@ -39,7 +39,7 @@ class CompletionCollector:
             raise APIError.from_code(event.code, event.message, retry_after=self.retry_after)
         return None
 
-    async def collect(self, session: Session) -> CompletionResponse:
+    async def collect(self, session: SessionHandle) -> CompletionResponse:
         """Reads the session to its end."""
         while True:
             event = await session.next_event()

@@ -14,7 +14,7 @@ from service.collect import CompletionCollector
 from service.errors import APIError, unavailable
 from service.metrics import CONTENT_TYPE, Metrics
 from service.schemas import CompletionRequest, CompletionResponse, ErrorResponse, ModelCard, ModelList
-from service.session import Session
+from service.session import SessionHandle
 from service.settings import Settings
 from service.streaming import ChunkWriter, stream_session
 
@@ -85,7 +85,9 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     return await _collect_unless_disconnected(session, collector, request)
 
 
-async def _collect_unless_disconnected(session: Session, collector: CompletionCollector, request: Request) -> Response:
+async def _collect_unless_disconnected(
+    session: SessionHandle, collector: CompletionCollector, request: Request
+) -> Response:
     """Waits for the whole completion while watching the connection: a client that leaves cancels the session."""
     work = asyncio.ensure_future(collector.collect(session))
     gone = asyncio.ensure_future(_until_disconnected(request))

@@ -14,15 +14,15 @@ from service.metrics import Metrics
 SessionMessage = Accepted | Rejected | Event
 
 
-class Session:
-    """One request's end of the bridge.
+class SessionHandle:
+    """One request's end of the bridge: the service's handle on a session the engine process runs.
 
     The bridge delivers, in this order: exactly one Accepted or Rejected (or an ErrorEvent if the engine went
     away first), then the request's engine events, the last of which is a DoneEvent or ErrorEvent (a DoneEvent
     with finish_reason "abort" when the service stops the session, see `aborted`).
     """
 
-    def __init__(self, request_id: str, num_workers: int, release: Callable[[Session], None]) -> None:
+    def __init__(self, request_id: str, num_workers: int, release: Callable[[SessionHandle], None]) -> None:
         self.request_id = request_id
         self.created_at = time.monotonic()
         self.first_token_at: float | None = None

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Callable
 
 from engine.events import AnswerEvent, DoneEvent, Event, InsertedEvent, StepEndEvent, TokenEvent
 from service.errors import APIError, outcome_of
-from service.session import Session
+from service.session import SessionHandle
 
 DONE_FRAME = b"data: [DONE]\n\n"
 PING_FRAME = b": ping\n\n"
@@ -81,7 +81,7 @@ class ChunkWriter:
 
 
 async def stream_session(
-    session: Session, writer: ChunkWriter, keepalive_seconds: float, on_end: Callable[[str], None]
+    session: SessionHandle, writer: ChunkWriter, keepalive_seconds: float, on_end: Callable[[str], None]
 ) -> AsyncIterator[bytes]:
     """The SSE body of one session. Frames of events that arrived together (one engine step) go out in one write.
     However the stream ends (done, error, client gone), the session is closed, which cancels the engine's work if

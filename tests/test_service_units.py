@@ -28,7 +28,7 @@ from service.cli import build_parser, main
 from service.collect import CompletionCollector
 from service.errors import APIError
 from service.metrics import Histogram, Metrics
-from service.session import Session
+from service.session import SessionHandle
 from service.settings import Settings
 from service.streaming import DONE_FRAME, ChunkWriter
 
@@ -297,7 +297,7 @@ def test_cors_preflight_passes_and_refusals_carry_cors_headers(clean_env: pytest
 
 def test_session_counts_tokens_that_printed_nothing() -> None:
     """usage counts an end-of-sequence token that no TokenEvent carried; the metric adds it at the end."""
-    session = Session("r1", 2, release=lambda _: None)
+    session = SessionHandle("r1", 2, release=lambda _: None)
     session.deliver(TokenEvent(0, 1, "Hi", (5, 6)))
     session.deliver(TokenEvent(1, 1, "!", (7,)))
     assert session.silent_tokens(Usage(3, (2, 2), (1, 1))) == 1  # worker 1 then sampled its end of sequence
