@@ -19,6 +19,7 @@ import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from engine.config import EngineConfig, SessionRequest
 from engine.events import DoneEvent, ErrorEvent, Event, TokenEvent
@@ -27,6 +28,7 @@ from service.errors import APIError, unavailable
 from service.messages import (
     Accepted,
     Cancel,
+    Command,
     LoadFailed,
     LoadProgress,
     Occupancy,
@@ -40,6 +42,9 @@ from service.messages import (
 from service.metrics import Metrics
 from service.session import SessionHandle
 from service.settings import Settings
+
+if TYPE_CHECKING:
+    from multiprocessing.queues import Queue
 
 logger = logging.getLogger("hogwild.bridge")
 
@@ -67,11 +72,11 @@ class EngineProcess:
 
     def __init__(self, config: EngineConfig, log_level: str = "info") -> None:
         context = multiprocessing.get_context("spawn")
-        self.commands = context.Queue()
+        self._commands: Queue[Command] | None = context.Queue()
         self._replies, self._replies_writer = context.Pipe(duplex=False)
         self.process = context.Process(
             target=run_engine_process,
-            args=(config, self.commands, self._replies_writer, log_level),
+            args=(config, self._commands, self._replies_writer, log_level),
             name="hogwild-engine",
             daemon=True,
         )
@@ -95,13 +100,14 @@ class EngineProcess:
         self._reader.start()
 
     def send(self, command: Submit | Cancel | Shutdown) -> None:
-        self.commands.put(command)
+        if self._commands is not None:  # else stopped: nothing sent matters any more
+            self._commands.put(command)
 
     def stop(self) -> None:
         """Asks the engine to exit, escalating to terminate/kill; then releases the channels. Blocking."""
         self._is_stopping = True
         if self.process.is_alive():
-            self.commands.put(Shutdown())
+            self.send(Shutdown())
             self.process.join(STOP_TIMEOUT_SECONDS)
         if self.process.is_alive():
             self.process.terminate()
@@ -111,8 +117,12 @@ class EngineProcess:
             self.process.join()
         if self._reader is not None and self._reader is not threading.current_thread():
             self._reader.join(POLL_SECONDS * 4)
-        self.commands.cancel_join_thread()
-        self.commands.close()
+        commands, self._commands = self._commands, None
+        if commands is not None:
+            commands.cancel_join_thread()
+            commands.close()
+        # Dropped, the queue's semaphores are unlinked now rather than reported as leaked when the server exits.
+        del commands
         self._replies.close()
 
     def _read(self, on_reply: Callable[[Reply], None], on_exit: Callable[[], None]) -> None:

@@ -160,7 +160,10 @@ def serve_command(args: argparse.Namespace) -> int:
     app = create_app(settings, on_ready=on_ready, on_fatal=on_fatal)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level)
     server = AbortingServer(config, abort=app.state.bridge.abort_all)
-    server.run()
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl+C it has already handled by shutting down cleanly
+        return EXIT_INTERRUPTED
     return EXIT_FAILED if failures else EXIT_OK
 
 

@@ -149,3 +149,5 @@ def test_stopping_the_server_ends_sessions_with_finish_reason_abort(env: dict[st
         assert answered.json()["usage"]["completion_tokens"] > 0
         assert server.process.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it is done
         assert engine_pid is not None and exits_within(engine_pid, 30)
+        log = server.log()
+        assert "Traceback" not in log and "leaked semaphore" not in log, log[-2000:]
