@@ -105,6 +105,7 @@ class EngineLoop:
                     return
                 self._handle(command)
             self._admit()
+            self._report_occupancy()  # before a first prefill that may take seconds
             if self.running:
                 self._step()
             self._report_occupancy()

@@ -144,6 +144,15 @@ def test_the_caches_held_before_any_request_are_reported_at_once() -> None:
     assert replies[0] == Occupancy(0, 0, 0, 4096)
 
 
+def test_an_admitted_session_is_reported_before_its_first_step() -> None:
+    """A first prefill can take seconds; /health must count the session as running meanwhile."""
+    with Harness(ScriptedEngine()) as harness:
+        harness.send(Submit("a", request()))
+        replies = harness.until(ended("a"))
+    first_step = next(i for i, reply in enumerate(replies) if isinstance(reply, StepEvents))
+    assert Occupancy(1, 0, SESSION_BYTES) in replies[:first_step]
+
+
 def test_waiting_requests_are_admitted_in_order_within_the_running_limit() -> None:
     with Harness(ScriptedEngine(), max_sessions=1) as harness:
         harness.send(*[Submit(name, request()) for name in "abc"])
