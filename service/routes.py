@@ -57,7 +57,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     """Streams server-sent events when `stream` is true, else answers one JSON body. Every check that can fail
     before generation (including the prompt's length against the context) answers an error status first."""
     bridge, settings = _bridge(request), _settings(request)
-    session_request = body.session_request()
+    session_request = body.session_request(max_tokens_limit=settings.max_tokens)
     session_request.validate(max_workers=settings.max_workers, max_tokens=settings.max_tokens)
     if body.stream and body.return_views:
         raise APIError(400, "return_views comes with the non-streamed answer only; set stream to false",

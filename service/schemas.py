@@ -32,9 +32,13 @@ class CompletionRequest(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
 
     prompt: str = Field(description="the task; non-empty")
-    workers: int = Field(2, description="number of workers, 1..the server's maximum (8 by default)")
+    workers: int = Field(
+        2, description="number of workers, 1..the server's maximum (8 by default); left out: one per worker_names"
+    )
     worker_names: list[str] | None = Field(None, description="one distinct name per worker (default Alice, Bob, ...)")
-    max_tokens: int = Field(DEFAULT_MAX_TOKENS, description="tokens per worker, 1..the server's maximum")
+    max_tokens: int = Field(
+        DEFAULT_MAX_TOKENS, description="tokens per worker, 1..the server's maximum (left out: at most that maximum)"
+    )
     temperature: float = Field(_SAMPLING.temperature, description="0..2; 0 is greedy")
     top_p: float = Field(_SAMPLING.top_p, description="(0, 1]; 1 disables nucleus sampling")
     top_k: int = Field(_SAMPLING.top_k, description=">= 0; 0 disables top-k")
@@ -48,13 +52,21 @@ class CompletionRequest(BaseModel):
     model: str | None = Field(None, description="if given, must equal the served model id (see /v1/models)")
     return_views: bool = Field(False, description="include each worker's final view as token ids")
 
-    def session_request(self) -> SessionRequest:
-        """The engine's request; call `.validate(...)` on it for the value ranges."""
+    def session_request(self, max_tokens_limit: int | None = None) -> SessionRequest:
+        """The engine's request; call `.validate(...)` on it for the value ranges.
+
+        Left out, `workers` is the number of `worker_names` when those are given, and `max_tokens` its default
+        capped at the server's `max_tokens_limit`: only values a request sets can be out of range."""
+        given = self.model_fields_set
+        workers = len(self.worker_names) if self.worker_names and "workers" not in given else self.workers
+        max_tokens = self.max_tokens
+        if "max_tokens" not in given and max_tokens_limit is not None:
+            max_tokens = min(max_tokens, max_tokens_limit)
         return SessionRequest(
             prompt=self.prompt,
-            num_workers=self.workers,
+            num_workers=workers,
             worker_names=tuple(self.worker_names) if self.worker_names is not None else None,
-            max_tokens=self.max_tokens,
+            max_tokens=max_tokens,
             sampling=SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed),
             redundancy_check_every=self.redundancy_check_every,
             final_answer=self.final_answer,

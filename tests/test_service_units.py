@@ -28,6 +28,7 @@ from service.cli import build_parser, main
 from service.collect import CompletionCollector
 from service.errors import APIError
 from service.metrics import Histogram, Metrics
+from service.schemas import CompletionRequest
 from service.session import SessionHandle
 from service.settings import Settings
 from service.streaming import DONE_FRAME, ChunkWriter
@@ -349,3 +350,15 @@ def test_an_engine_that_cannot_be_restarted_is_given_up(monkeypatch: pytest.Monk
     asyncio.run(bridge._restart())
     assert bridge.state is EngineState.FAILED
     assert fatal and "could not start" in fatal[0] and "Too many open files" in fatal[0]
+
+
+def test_left_out_fields_take_values_the_server_accepts() -> None:
+    """workers follows worker_names, and the default max_tokens never exceeds the server's limit; what a request
+    sets explicitly stays as set (and is refused if out of range)."""
+    named = CompletionRequest(prompt="Hi", worker_names=["Ann", "Ben", "Cid"]).session_request()
+    assert named.num_workers == 3 and named.names == ("Ann", "Ben", "Cid")
+    mismatch = CompletionRequest(prompt="Hi", workers=2, worker_names=["Ann", "Ben", "Cid"]).session_request()
+    assert mismatch.num_workers == 2  # refused by validate(): one name per worker
+    assert CompletionRequest(prompt="Hi").session_request(max_tokens_limit=40).max_tokens == 40
+    assert CompletionRequest(prompt="Hi").session_request(max_tokens_limit=4000).max_tokens == 256
+    assert CompletionRequest(prompt="Hi", max_tokens=100).session_request(max_tokens_limit=40).max_tokens == 100
