@@ -1,4 +1,4 @@
-"""The GPU run of issue 5 in one script: correctness, attention per layer, aggregate tokens/s.
+"""The GPU benchmark in one script: correctness, attention per layer, aggregate tokens/s.
 
 Sections, in order (each printed as a markdown table and, when $OUT is set, rewritten to $OUT/gpu_tables.md as
 soon as it is done, so a run cut short keeps what finished):

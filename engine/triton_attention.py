@@ -37,7 +37,8 @@ try:
     import triton
     import triton.language as tl
 except ImportError as exc:  # the PyTorch path serves machines without Triton
-    raise ImportError("the Triton attention needs the 'triton' package (pip install 'hogwild[gpu]')") from exc
+    message = "the Triton attention needs the 'triton' package (from a checkout: pip install -e '.[gpu]')"
+    raise ImportError(message) from exc
 
 from engine.attention import TRITON_HEAD_DIMS as SUPPORTED_HEAD_DIMS
 from engine.errors import UnsupportedModelError
