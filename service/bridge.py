@@ -117,12 +117,11 @@ class EngineProcess:
             self.process.join()
         if self._reader is not None and self._reader is not threading.current_thread():
             self._reader.join(POLL_SECONDS * 4)
+        # Dropped here, the queue's semaphores are unlinked now instead of being reported as leaked at exit.
         commands, self._commands = self._commands, None
         if commands is not None:
             commands.cancel_join_thread()
             commands.close()
-        # Dropped, the queue's semaphores are unlinked now rather than reported as leaked when the server exits.
-        del commands
         self._replies.close()
 
     def _read(self, on_reply: Callable[[Reply], None], on_exit: Callable[[], None]) -> None:
