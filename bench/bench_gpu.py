@@ -8,7 +8,7 @@ soon as it is done, so a run cut short keeps what finished):
 2. Attention per layer for 1, 2, 4, 8 workers vs SDPA over one sequence (bench_attention.py).
 3. Aggregate decode tokens/s for 1, 2, 4, 8 workers at 1k, 16k, 4k context (target rows first): the engine with a
    Qwen3-8B-shaped model, eager and with decode steps replayed from CUDA graphs, vs HF generate of the same model
-   with N sequences (num_return_sequences). Prefill is excluded.
+   with N copies of the prompt, both greedy. Prefill is excluded.
 Nothing is downloaded: models are built from configs with random weights (speed does not depend on weight
 values) and a word-level tokenizer is built in memory ("w17" is token 17), so prompts are random token ids.
 Random weights never write a sentence end and a blank line, so no step ends: every worker's block only grows.
@@ -21,7 +21,6 @@ Rows that would start after --budget-s are listed as skipped.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import random
 import sys
@@ -53,7 +52,6 @@ from engine.engine import Engine
 from engine.events import TokenEvent
 from engine.model import LoadedModel, check_architecture, register_attention
 from engine.plan import GroupPlan, Run, build_forward
-from engine.session import PREFILL_CHUNK
 
 GREEDY = SamplingParams(temperature=0.0)
 WARMUP_STEPS = 3  # decode steps run before timing starts
@@ -264,18 +262,23 @@ def hogwild_tokens_per_s(engine: Engine, context: int, workers: int, steps: int,
         prompt=filler, num_workers=workers, max_tokens=WARMUP_STEPS + steps + 2, sampling=GREEDY,
         redundancy_check_every=0, final_answer=False,
     )
-    prefill_forwards = math.ceil(engine.check(request) / PREFILL_CHUNK)
     engine.graphs = DecodeGraphs(engine.forward_logits) if graphs else None
     engine.add_session("bench", request)
     try:
-        for _ in range(prefill_forwards + WARMUP_STEPS):  # the last prefill forward samples the first tokens
+        # Prefill chunks (as many as the prefix cache leaves to compute), up to the first sampled tokens.
+        while not any(isinstance(event, TokenEvent) for event in checked_step(engine)):
+            pass
+        for _ in range(WARMUP_STEPS):
             checked_step(engine)
+        replays = engine.graphs.replays if engine.graphs is not None else 0
         synchronize(m.device)
         start = time.perf_counter()
         for _ in range(steps):
-            checked_step(engine)  # sampling reads the logits on the host, so each step ends synchronised
+            checked_step(engine)  # the chosen token ids reach the host, so each step ends synchronised
         seconds = time.perf_counter() - start
-        if graphs and (engine.graphs is None or not engine.graphs.enabled or engine.graphs.replays < steps):
+        if engine.num_running != 1:
+            raise RuntimeError("the session ended before the timed decode steps did")
+        if graphs and (engine.graphs is None or not engine.graphs.enabled or engine.graphs.replays - replays < steps):
             raise RuntimeError("the timed decode steps did not all replay a CUDA graph")
         return workers * steps / seconds
     finally:
@@ -284,17 +287,18 @@ def hogwild_tokens_per_s(engine: Engine, context: int, workers: int, steps: int,
 
 
 def hf_tokens_per_s(m: LoadedModel, context: int, sequences: int, steps: int) -> float:
-    """Aggregate tokens/s of HF generate decoding `sequences` samples of one random prompt, prefill excluded."""
+    """Aggregate tokens/s of HF generate decoding `sequences` copies of one random prompt greedily (as the Hogwild!
+    sessions decode), prefill excluded."""
     model = m.model
-    prompt = torch.randint(1, model.config.vocab_size, (1, context), device=m.device)
+    prompt = torch.randint(1, model.config.vocab_size, (1, context), device=m.device).expand(sequences, -1)
     clock = StepClock()
     new_tokens = 1 + WARMUP_STEPS + steps
     model.set_attn_implementation("sdpa")
     try:
         with torch.inference_mode():
             model.generate(
-                prompt, attention_mask=torch.ones_like(prompt), do_sample=True, num_return_sequences=sequences,
-                max_new_tokens=new_tokens, min_new_tokens=new_tokens, streamer=clock, pad_token_id=0,
+                prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens, streamer=clock, pad_token_id=0,
             )
     finally:
         model.set_attn_implementation(ATTENTION_NAME)
@@ -325,8 +329,8 @@ def throughput_table(plan: Plan, dtype: torch.dtype, backend: str) -> str:
         f"Aggregate decode tokens/s, {device_name(plan.device)}, {plan.shape_name} random model with {plan.layers} "
         f"layers, {str(dtype).removeprefix('torch.')}, engine attention '{backend}'; {plan.steps} timed "
         f"decode steps after {WARMUP_STEPS} warm-up steps, prefill excluded; the engine eager and with decode "
-        "steps replayed from CUDA graphs (captured in the warm-up). HF: generate with num_return_sequences = "
-        "workers, SDPA attention."
+        "steps replayed from CUDA graphs (captured in the warm-up). HF: generate of one copy of the prompt per "
+        "worker, SDPA attention; both greedy."
     )
     lines = [
         caption,
