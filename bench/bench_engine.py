@@ -59,9 +59,10 @@ def checked_step(engine: Engine) -> list[Event]:
     return events
 
 
-def task_of_length(engine: Engine, tokens: int) -> str:
-    """A prompt whose chat-formatted common block is about `tokens` long."""
-    text, probe = "", SessionRequest(prompt="x", num_workers=1, max_tokens=1)
+def task_of_length(engine: Engine, tokens: int, workers: int) -> str:
+    """A prompt whose chat-formatted common block for `workers` workers (their rules grow with the team) is
+    about `tokens` long."""
+    probe = SessionRequest(prompt="x", num_workers=workers, max_tokens=1)
     overhead = engine.check(probe)
     per_filler = len(engine.model.tokenizer.encode(FILLER))
     text = FILLER * max(1, (tokens - overhead) // per_filler)
@@ -105,9 +106,9 @@ def run(args: argparse.Namespace) -> list[Row]:
     ).to(engine.model.device).eval()
     rows = []
     for context in args.contexts:
-        task = task_of_length(engine, context)
-        prompt_ids = engine._prompt_ids(SessionRequest(prompt=task, num_workers=1))
         for workers in args.workers:
+            task = task_of_length(engine, context, workers)
+            prompt_ids = engine._prompt_ids(SessionRequest(prompt=task, num_workers=workers))  # what HF gets too
             hogwild = hogwild_decode(engine, task, workers, args.new_tokens)
             hf = hf_decode(plain, prompt_ids, workers, args.new_tokens)
             rows.append(Row(len(prompt_ids), workers, workers / hogwild, workers / hf, hogwild * 1e3, hf * 1e3))
