@@ -114,6 +114,8 @@ def main() -> None:
         "--prefix-cache-tokens", type=int, help="the server's prefix cache in tokens (0: off; unset: its default)"
     )
     args = parser.parse_args()
+    if not 1 <= args.sessions <= MAX_SESSIONS:
+        parser.error(f"--sessions must be between 1 and {MAX_SESSIONS} (the distinct tasks this script has)")
     env = {"HOGWILD_MODEL": args.model, "HOGWILD_DEVICE": args.device, "HOGWILD_DTYPE": args.dtype or "",
            "HOGWILD_MAX_SESSIONS": str(args.sessions), "HOGWILD_MAX_QUEUED": str(args.sessions),
            "HOGWILD_PREFIX_CACHE_TOKENS": "" if args.prefix_cache_tokens is None else str(args.prefix_cache_tokens)}
