@@ -14,10 +14,10 @@ import sys
 
 from clients.client import DEFAULT_URL, HogwildClient
 from clients.errors import HogwildClientError
+from clients.lanes import KINDS as LANE_KINDS
 from clients.lanes import LaneRenderer
 from clients.results import StreamEvent
 
-LANE_KINDS = ("token", "inserted", "step_end", "answer")
 DEFAULT_NAMES = ("Alice", "Bob", "Carol", "Dave", "Eve", "Frank", "Grace", "Heidi")  # the protocol's defaults
 
 

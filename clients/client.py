@@ -42,7 +42,8 @@ OPTION_NAMES = frozenset(
 
 
 class EventStream:
-    """The events of one streamed session. Iterate it; close it (or use it in `with`) to stop the session early."""
+    """The events of one streamed session. Iterate it; close it (or use it in `with`) to stop the session early,
+    from the thread that iterates it."""
 
     def __init__(self, events: Generator[StreamEvent, None, None]) -> None:
         self._events = events
@@ -64,7 +65,9 @@ class EventStream:
 
 
 class AsyncEventStream:
-    """The asyncio twin of `EventStream`: `async for` over it; `aclose()` or `async with` stops the session."""
+    """The asyncio twin of `EventStream`: `async for` over it; `aclose()` or `async with` stops the session. To
+    stop it from another task while one is waiting in `async for`, cancel that task (asyncio cannot close a
+    generator that is running)."""
 
     def __init__(self, events: AsyncGenerator[StreamEvent, None]) -> None:
         self._events = events
@@ -106,8 +109,7 @@ class HogwildClient:
         """Runs one session to its end and returns all workers' texts, the transcript and the answer."""
         with _transport_errors(self.base_url):
             response = self._http.post(COMPLETIONS_PATH, json=request_body(prompt, options, stream=False))
-        _raise_for_status(response)
-        return Completion.from_json(response.json())
+        return Completion.from_json(_json_body(response))
 
     def stream(self, prompt: str, *, include_usage: bool = False, **options: Any) -> EventStream:
         """Streams the session's events; with include_usage the last event has kind "usage"."""
@@ -136,8 +138,7 @@ class HogwildClient:
     def _get_json(self, path: str) -> dict[str, Any]:
         with _transport_errors(self.base_url):
             response = self._http.get(path)
-        _raise_for_status(response)
-        return response.json()
+        return _json_body(response)
 
     def _events(self, body: dict[str, Any]) -> Generator[StreamEvent, None, None]:
         with _transport_errors(self.base_url), self._http.stream("POST", COMPLETIONS_PATH, json=body) as response:
@@ -173,8 +174,7 @@ class AsyncHogwildClient:
         """Runs one session to its end and returns all workers' texts, the transcript and the answer."""
         with _transport_errors(self.base_url):
             response = await self._http.post(COMPLETIONS_PATH, json=request_body(prompt, options, stream=False))
-        _raise_for_status(response)
-        return Completion.from_json(response.json())
+        return Completion.from_json(_json_body(response))
 
     def stream(self, prompt: str, *, include_usage: bool = False, **options: Any) -> AsyncEventStream:
         """Streams the session's events; with include_usage the last event has kind "usage"."""
@@ -203,8 +203,7 @@ class AsyncHogwildClient:
     async def _get_json(self, path: str) -> dict[str, Any]:
         with _transport_errors(self.base_url):
             response = await self._http.get(path)
-        _raise_for_status(response)
-        return response.json()
+        return _json_body(response)
 
     async def _events(self, body: dict[str, Any]) -> AsyncGenerator[StreamEvent, None]:
         with _transport_errors(self.base_url):
@@ -245,6 +244,17 @@ def decode_event(payload: str) -> StreamEvent | None:
     if "error" in chunk:
         raise _error_from_body(None, chunk, "the server reported an error during the stream")
     return StreamEvent.from_chunk(chunk)
+
+
+def _json_body(response: httpx.Response) -> Any:
+    """The JSON body of a successful answer; an error status raises HogwildAPIError, a body that is not JSON (a
+    proxy's page, a wrong URL) HogwildClientError."""
+    _raise_for_status(response)
+    try:
+        return response.json()
+    except ValueError as exc:
+        kind = response.headers.get("content-type", "no content type")
+        raise HogwildClientError(f"the server did not answer with JSON ({kind}): {response.text[:200]!r}") from exc
 
 
 def _raise_for_status(response: httpx.Response) -> None:

@@ -21,6 +21,7 @@ from clients import (
     Completion,
     HogwildAPIError,
     HogwildClient,
+    HogwildClientError,
     HogwildConnectionError,
     StreamEvent,
     cli_client,
@@ -383,3 +384,15 @@ def test_cli_client_reports_a_session_the_server_aborted(
         monkeypatch.setattr(cli_client, "HogwildClient", functools.partial(HogwildClient, transport=transport))
         assert run_client(cli_args("http://test", "--plain")) == exit_code
         assert ("finish_reason abort" in capsys.readouterr().err) == (exit_code == 1)
+
+
+def test_a_success_status_without_json_is_a_client_error_not_a_traceback() -> None:
+    """A proxy's page or a wrong URL answering 200 with HTML."""
+
+    def html(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"content-type": "text/html"}, content=b"<html>proxy login</html>")
+
+    client = HogwildClient("http://test", transport=httpx.MockTransport(html))
+    for call in (client.health, client.models, lambda: client.complete("task")):
+        with pytest.raises(HogwildClientError, match="did not answer with JSON"):
+            call()

@@ -205,6 +205,7 @@ function end(current, state, label) {
 }
 
 function fail(current, error) {
+  current.controller.abort(); // a failure on this side must not leave the server generating for nobody
   const message = error instanceof ServerError ? error.message : `Connection lost: ${error.message}`;
   const status = error instanceof ServerError && error.status ? ` (HTTP ${error.status})` : "";
   showError(message + status, error.param);
