@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from jinja2.exceptions import TemplateError
+
 PAST_STEPS_HEADER = "### Past steps\n"
 OTHERS_LABEL = "\n\n### Work in progress (others)\n"
 OWN_LABEL = "\n\n### Work in progress (own)\n"
@@ -61,12 +63,13 @@ class ChatPrompt:
 
     @classmethod
     def build(cls, tokenizer: object, names: tuple[str, ...], task: str) -> ChatPrompt:
-        messages = [
-            {"role": "system", "content": collaboration_rules(names)},
-            {"role": "user", "content": task},
-        ]
-        if getattr(tokenizer, "chat_template", None):
+        rules = collaboration_rules(names)
+        if not getattr(tokenizer, "chat_template", None):
+            return cls(f"{rules}\n\nTask: {task}\n\n" + PAST_STEPS_HEADER)
+        messages = [{"role": "system", "content": rules}, {"role": "user", "content": task}]
+        try:
             chat = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        else:
-            chat = f"{messages[0]['content']}\n\nTask: {task}\n\n"
+        except TemplateError:  # a template without a system turn (Mistral's refuse one): the rules open the task
+            messages = [{"role": "user", "content": f"{rules}\n\nTask: {task}"}]
+            chat = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return cls(chat + PAST_STEPS_HEADER)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -175,3 +176,22 @@ def test_views_mark_sampled_tokens(tokenizer) -> None:
     sampled = [t for t, s in zip(view.token_ids, view.is_sampled, strict=True) if s]
     assert tokenizer.decode(sampled) == " b d a c"  # Bob's step comes before Alice's own step in her view
     assert view.token_ids[-1] == token(tokenizer, " c")
+
+
+NO_SYSTEM_TEMPLATE = (  # Mistral-Instruct's kind: user and assistant turns only
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] "
+    "+ ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}{% else %}"
+    "{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
+)
+
+
+def test_rules_open_the_task_when_the_chat_template_has_no_system_turn(tokenizer) -> None:
+    """Such a template raises on a system message; the model would not even pass its warm-up."""
+    plain = copy.deepcopy(tokenizer)
+    plain.chat_template = NO_SYSTEM_TEMPLATE
+    text = prompts.ChatPrompt.build(plain, ("Alice", "Bob"), "Add 2 and 2.").text
+    rules = prompts.collaboration_rules(("Alice", "Bob"))
+    assert text.startswith(f"{plain.bos_token}[INST] {rules}\n\nTask: Add 2 and 2. [/INST]")
+    assert text.endswith(prompts.PAST_STEPS_HEADER)
+    with_system = prompts.ChatPrompt.build(tokenizer, ("Alice", "Bob"), "Add 2 and 2.").text
+    assert rules in with_system and "system" in with_system  # a template with a system turn keeps using it
