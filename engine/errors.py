@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+LOAD_FAILED_PREFIX = "cannot load model"  # how a load failure names the model, once
+
 
 class HogwildError(Exception):
     """Base of every error the engine raises on purpose; `message` is safe to show to a user."""

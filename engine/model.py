@@ -12,7 +12,7 @@ import torch
 
 from engine.attention import ATTENTION_NAME, hogwild_attention
 from engine.config import DEFAULT_MODEL, EngineConfig
-from engine.errors import InvalidRequestError, ModelNotFoundError, UnsupportedModelError
+from engine.errors import LOAD_FAILED_PREFIX, InvalidRequestError, ModelNotFoundError, UnsupportedModelError
 from engine.rope import check_rope
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ def load_model(config: EngineConfig, progress: Progress | None = None) -> Loaded
     try:
         model_config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as exc:
-        raise ModelNotFoundError(f"cannot load model '{config.model}': {exc}") from exc
+        raise ModelNotFoundError(f"{LOAD_FAILED_PREFIX} '{config.model}': {exc}") from exc
     context = check_architecture(model_config)
     register_attention()
     say(f"loading {config.model} on {device} as {str(dtype).removeprefix('torch.')}")
@@ -130,7 +130,7 @@ def model_name(requested: str, path: str) -> str:
         from engine.default_model import DEFAULT_MODEL_NAME
 
         return DEFAULT_MODEL_NAME
-    return Path(path).name if os.path.isdir(path) else requested
+    return Path(path).resolve().name if os.path.isdir(path) else requested  # "." names its folder too
 
 
 def _eos_ids(model: torch.nn.Module, tokenizer: object) -> frozenset[int]:

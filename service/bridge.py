@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from engine.config import EngineConfig, SessionRequest
+from engine.errors import LOAD_FAILED_PREFIX
 from engine.events import DoneEvent, ErrorEvent, Event, TokenEvent
 from service.engine_process import run_engine_process
 from service.errors import APIError, unavailable
@@ -104,14 +105,12 @@ class EngineProcess:
             self._commands.put(command)
 
     def stop(self) -> None:
-        """Asks the engine to exit, escalating to terminate/kill; then releases the channels. Blocking."""
+        """Asks the engine to exit, killing it if it does not (it ignores SIGTERM, see run_engine_process); then
+        releases the channels. Blocking."""
         self._is_stopping = True
         if self.process.is_alive():
             self.send(Shutdown())
             self.process.join(STOP_TIMEOUT_SECONDS)
-        if self.process.is_alive():
-            self.process.terminate()
-            self.process.join(STOP_TIMEOUT_SECONDS / 2)
         if self.process.is_alive():
             self.process.kill()
             self.process.join()
@@ -279,7 +278,8 @@ class EngineBridge:
         elif isinstance(reply, Ready):
             self._become_ready(reply)
         elif isinstance(reply, LoadFailed):
-            self._give_up(f"cannot load model {self._config.model!r}: {reply.message}")
+            named = reply.message.startswith(LOAD_FAILED_PREFIX)
+            self._give_up(reply.message if named else f"{LOAD_FAILED_PREFIX} {self._config.model!r}: {reply.message}")
 
     def _route_events(self, events: list[tuple[str, Event]]) -> None:
         now = time.monotonic()

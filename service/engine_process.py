@@ -51,8 +51,11 @@ def run_engine_process(
 ) -> None:
     """Entry point of the spawned engine process. Sends `Ready` or `LoadFailed`, then serves until `Shutdown`
     arrives or the API process goes away."""
-    # Ctrl+C reaches the whole process group; the API process stops this one itself (sessions end with "abort").
+    # Ctrl+C, and a service manager's SIGTERM, reach the whole process group; the API process stops this one itself
+    # after ending its sessions with "abort" (Shutdown, then SIGKILL if it must). An orphaned engine notices that
+    # its pipe or its parent is gone and exits.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT)
     from engine.engine import Engine  # torch is imported here, in the engine process only
 

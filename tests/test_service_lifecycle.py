@@ -61,14 +61,17 @@ def test_api_process_never_imports_torch(env: dict[str, str]) -> None:
         assert engine_pid is not None and maps_torch(engine_pid)  # the check does see torch where it is
 
 
-def test_the_engine_process_ignores_an_interrupt_meant_for_the_server(env: dict[str, str]) -> None:
-    """Ctrl+C signals the whole process group; the server stops the engine itself, so the engine must not die
-    first (its requests would fail as "engine lost" instead of ending with "abort")."""
+@pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM])
+def test_the_engine_process_ignores_a_stop_signal_meant_for_the_server(
+    env: dict[str, str], signal_number: signal.Signals
+) -> None:
+    """Ctrl+C, and a service manager's SIGTERM, signal the whole process group; the server stops the engine
+    itself, so the engine must not die first (its requests would fail as "engine lost", not end with "abort")."""
     server = LiveServer(env, [])
     with server as url:
         engine_pid = server.engine_pid()
         assert engine_pid is not None
-        os.kill(engine_pid, signal.SIGINT)
+        os.kill(engine_pid, signal_number)
         assert not exits_within(engine_pid, 2)
         assert httpx.post(f"{url}/v1/hogwild/completions", json=QUICK_SESSION).status_code == 200
         assert server.engine_pid() == engine_pid
