@@ -137,6 +137,9 @@ async def health(request: Request) -> JSONResponse:
 
 
 @router.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES, summary="The served model")
+@router.get(  # where an OpenAI SDK whose base URL is the completions' prefix looks for it
+    "/v1/hogwild/models", response_model=ModelList, responses=ERROR_RESPONSES, summary="The served model, again"
+)
 async def list_models(request: Request) -> ModelList:
     bridge = _bridge(request)
     if bridge.state is not EngineState.READY or bridge.model_name is None:

@@ -196,6 +196,7 @@ def test_openai_sdk_reads_the_stream(server: str, client: httpx.Client, model_id
 
 def test_openai_sdk_reads_a_non_stream_completion(server: str, model_id: str) -> None:
     sdk = openai.OpenAI(base_url=f"{server}/v1/hogwild", api_key=API_KEY, max_retries=0)
+    assert [model.id for model in sdk.models.list()] == [model_id]
     completion = sdk.completions.create(
         model=model_id, prompt="Hi", max_tokens=4, extra_body={"workers": 2, "final_answer": False}
     )
