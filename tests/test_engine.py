@@ -23,7 +23,7 @@ from engine.errors import (
     UnsupportedModelError,
 )
 from engine.events import DoneEvent, ErrorEvent, StepEndEvent, TokenEvent
-from engine.model import resolve_device_dtype
+from engine.model import model_name, resolve_device_dtype
 from engine.session import PREFILL_CHUNK
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -435,3 +435,12 @@ def test_small_blocks_are_allocated_in_small_chunks() -> None:
     cache.reserve(3, 400)
     assert cache.small_k.shape[3] == 448
     assert cache.nbytes == 2 * 2 * 2 * 64 * 4 * (512 + 6 * 448)
+
+
+def test_a_model_folder_given_as_a_relative_path_is_named_by_the_folder(tmp_path: Path, monkeypatch) -> None:
+    folder = tmp_path / "my-model"
+    folder.mkdir()
+    monkeypatch.chdir(folder)
+    assert model_name(".", ".") == "my-model"
+    assert model_name("./", "./") == "my-model"
+    assert model_name("org/hub-model", "org/hub-model") == "org/hub-model"  # not a folder here: a hub id
