@@ -31,7 +31,7 @@ from engine.model import LoadedModel, load_model
 from engine.plan import ForwardPlan, build_forward
 from engine.prefix_cache import PAGE_TOKENS, PrefixCache
 from engine.sampling import make_generator, sample
-from engine.session import FINISHER_MAX_TOKENS, Session, opening_tokens
+from engine.session import FINISHER_MAX_TOKENS, Session
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ class Engine:
                 f"of {budget}; lower max_tokens or workers",
                 "max_tokens",
             )
-        prompt_tokens = len(prompt_ids) + opening_tokens(self.model.tokenizer, request.names)
+        prompt_tokens = len(prompt_ids) + self._opening_tokens(request.names)  # as the session's usage counts them
         return CheckedRequest(request, tuple(prompt_ids), longest, prompt_tokens)
 
     def add_session(self, session_id: str, request: SessionRequest | CheckedRequest) -> None:
@@ -200,7 +200,7 @@ class Engine:
 
     def longest_view_bound(self, request: SessionRequest, prompt_tokens: int) -> int:
         """Tokens the longest view can reach: prompt, labels, every worker's budget and what the engine inserts."""
-        encode = lambda text: len(self.model.tokenizer.encode(text, add_special_tokens=False))  # noqa: E731
+        encode = self._token_count
         workers, budget = request.num_workers, request.max_tokens
         headers = sum(
             encode(prompts.step_header(name, budget)) * math.ceil(budget / ASSUMED_MIN_STEP_TOKENS)
@@ -210,8 +210,19 @@ class Engine:
         if request.redundancy_check_every:
             checks = encode(prompts.REDUNDANCY_CHECK) * math.ceil(workers * budget / request.redundancy_check_every)
         finisher = encode(prompts.FINISHER) + FINISHER_MAX_TOKENS if request.final_answer else 0
-        opening = opening_tokens(self.model.tokenizer, request.names)  # labels and first steps
-        return prompt_tokens + opening + headers + workers * budget + checks + finisher
+        return prompt_tokens + self._opening_tokens(request.names) + headers + workers * budget + checks + finisher
+
+    def _opening_tokens(self, names: tuple[str, ...]) -> int:
+        """Tokens a session feeds with its chat prompt: the two section labels and every worker's first step."""
+        openings = (prompts.first_step(name, i) for i, name in enumerate(names))
+        return sum(map(self._token_count, (prompts.OTHERS_LABEL, prompts.OWN_LABEL, *openings)))
+
+    @functools.cached_property
+    def _token_count(self) -> Callable[[str], int]:
+        """Tokens of one of the engine's own short texts (labels, headers, checks), remembered: every request's
+        checks count the same few texts several times."""
+        tokenizer = self.model.tokenizer
+        return functools.lru_cache(maxsize=4096)(lambda text: len(tokenizer.encode(text, add_special_tokens=False)))
 
     def _refuse_special_tokens(self, request: SessionRequest) -> None:
         """Refuses a prompt or worker name that spells one of the tokenizer's special tokens: the tokenizer would

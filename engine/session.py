@@ -15,7 +15,6 @@ nothing: the events a session causes collect in it until `take_events()` returns
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from engine import prompts
 from engine.cache import SessionCache
@@ -70,14 +69,6 @@ class Worker:
     step_done: bool = False  # its last token ended the step: move the block to the history first
 
 
-def opening_tokens(tokenizer: Any, names: tuple[str, ...]) -> int:
-    """Tokens a session feeds with its chat prompt: the two section labels and every worker's first-step opening
-    (usage counts them as prompt tokens)."""
-    labels = (prompts.OTHERS_LABEL, prompts.OWN_LABEL)
-    openings = tuple(prompts.first_step(name, i) for i, name in enumerate(names))
-    return sum(len(tokenizer.encode(text, add_special_tokens=False)) for text in labels + openings)
-
-
 class Session:
     def __init__(
         self, session_id: str, request: SessionRequest, prompt_ids: list[int], model: LoadedModel, cache: SessionCache
@@ -110,7 +101,8 @@ class Session:
         for worker in self.workers:
             first = prompts.first_step(worker.name, worker.index)
             self._insert(worker, first, "header")
-        self.prompt_tokens = len(prompt_ids) + opening_tokens(tokenizer, request.names)  # what usage counts
+        # What usage counts: the chat prompt, the section labels and every worker's first-step opening.
+        self.prompt_tokens = len(prompt_ids) + sum(map(len, self.labels)) + sum(len(w.pending) for w in self.workers)
 
     # ---- what to feed -------------------------------------------------------------------------------------
 
