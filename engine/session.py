@@ -39,6 +39,7 @@ COMMON, OTHERS_LABEL, OWN_LABEL = 0, 1, 2
 FIRST_STEP_BLOCK = 3
 FINISHER_MAX_TOKENS = 32
 PREFILL_CHUNK = 512  # prompt tokens per forward
+DECODER_CONTEXT_IDS = 4  # ids of a worker's seed its first sampled text is decoded with
 
 
 @dataclass
@@ -101,6 +102,8 @@ class Session:
         for worker in self.workers:
             first = prompts.first_step(worker.name, worker.index)
             self._insert(worker, first, "header")
+            # Sampled text continues the seed: decoded along with its last ids, a first word keeps its space.
+            worker.decoder = IncrementalDecoder(tokenizer, context=worker.pending.ids[-DECODER_CONTEXT_IDS:])
         # What usage counts: the chat prompt, the section labels and every worker's first-step opening.
         self.prompt_tokens = len(prompt_ids) + sum(map(len, self.labels)) + sum(len(w.pending) for w in self.workers)
 
@@ -276,7 +279,8 @@ class Session:
     def longest_view(self) -> int:
         """Tokens the longest worker view will hold after the next forward."""
         fixed = len(self.common) + sum(map(len, self.labels)) + sum(len(w.block) for w in self.workers)
-        return fixed + max(len(w.pending) for w in self.workers)
+        feeding = self.workers[:1] if self._finishing else self.workers
+        return fixed + sum(len(w.pending) for w in feeding)  # every view holds every block, so all that is fed
 
     def prompt_restored(self, tokens: int) -> None:
         """The cache already holds the prompt's first `tokens` (copied by the prefix cache): prefill starts after

@@ -25,9 +25,9 @@ def tokenizer(default_model_dir: Path):
     return AutoTokenizer.from_pretrained(default_model_dir)
 
 
-def make_session(tokenizer, **request: object) -> Session:
+def make_session(tokenizer, context_length: int = 8192, **request: object) -> Session:
     model = SimpleNamespace(
-        tokenizer=tokenizer, eos_token_ids=frozenset({tokenizer.eos_token_id}), context_length=8192,
+        tokenizer=tokenizer, eos_token_ids=frozenset({tokenizer.eos_token_id}), context_length=context_length,
         inv_freq=INV_FREQ,
     )
     req = SessionRequest(**{"prompt": "Add 2 and 2.", "redundancy_check_every": 0, **request})  # type: ignore[arg-type]
@@ -195,3 +195,56 @@ def test_rules_open_the_task_when_the_chat_template_has_no_system_turn(tokenizer
     assert text.endswith(prompts.PAST_STEPS_HEADER)
     with_system = prompts.ChatPrompt.build(tokenizer, ("Alice", "Bob"), "Add 2 and 2.").text
     assert rules in with_system and "system" in with_system  # a template with a system turn keeps using it
+
+
+@pytest.mark.parametrize("slack", [0, 1, 2])
+def test_no_token_is_fed_past_the_context_when_several_workers_write(tokenizer, slack: int) -> None:
+    """Every view holds every block, so a forward that feeds n workers one token each lengthens every view by n:
+    the session must end before the last worker's token would sit past the context."""
+    a = token(tokenizer, " a")
+    probe = make_session(tokenizer, num_workers=3, max_tokens=500, final_answer=False)
+    probe.runs()
+    context = max(len(probe.view(w.index).token_ids) for w in probe.workers) + 10 + slack
+    session = make_session(tokenizer, context, num_workers=3, max_tokens=500, final_answer=False)
+    forwards = 0
+    while not session.done:
+        runs = session.runs()
+        if session.done:
+            break
+        plan = build_forward([(session.cache, runs)], INV_FREQ, torch.float32)
+        for group in plan.groups:  # a token's view position: its block's offset in its view + its local position
+            view_positions = group.offset.gather(1, group.own[:, None]).flatten() + plan.position_ids[0, group.rows]
+            assert int(view_positions.max()) < context
+        assert max(len(session.view(w.index).token_ids) for w in session.workers) <= context
+        session.commit([a] * len(session.workers))
+        forwards += 1
+    assert forwards >= 3, "the session should decode until the context is nearly full"
+    assert session.take_events()[-1].finish_reasons == ("length",) * 3
+
+
+def sentencepiece_like_tokenizer():
+    """A tokenizer that decodes as Llama 2's and Mistral's do: '▁' is a space and decode strips one leading
+    space of the whole text."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["we", "can", "solve", "it"]
+    vocab = {"<unk>": 0, "</s>": 1, "▁": 2} | {f"▁{w}": i + 3 for i, w in enumerate(words)}
+    model = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    model.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    model.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=model, unk_token="<unk>", eos_token="</s>")
+
+
+def test_a_first_sampled_word_keeps_its_space_with_a_tokenizer_that_strips_one() -> None:
+    """Worker 0's seed ends '... we can'; the model samples '▁solve': the text must read 'we can solve'."""
+    tok = sentencepiece_like_tokenizer()
+    session = make_session(tok, num_workers=1, max_tokens=10, final_answer=False)
+    for word in ("▁solve", "▁it"):
+        session.runs()
+        session.commit([tok.convert_tokens_to_ids(word)])
+    texts = [e.text for e in session.take_events() if isinstance(e, TokenEvent)]
+    assert "".join(texts) == " solve it"
+    assert session.workers[0].text.endswith("we can solve it")
