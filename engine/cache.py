@@ -6,6 +6,8 @@ Invariants:
 - Every block's keys are stored rotated at block-local positions 0..len-1; a block is never re-rotated except
   once, when a finished step moves to the end of the common block.
 - Tensors are preallocated and grow by whole chunks (amortised, never per token); `lengths` lives on the host.
+- Given limits (the longest common block and the longest small block the session can write), growth stops at
+  them, so the memory a cache holds never passes `held_tokens_bound` of those limits: what admission reserves.
 """
 
 from __future__ import annotations
@@ -23,6 +25,20 @@ def _round_up(n: int, chunk: int = GROWTH_CHUNK) -> int:
     return -(-n // chunk) * chunk
 
 
+def held_tokens_bound(common_limit: int, small_limit: int, num_small_blocks: int) -> int:
+    """Token slots (per layer, keys and values alike) a cache whose blocks stay within these limits holds at most:
+    the common block's, plus one small block's for every small block (they share one allocation)."""
+    return _round_up(common_limit) + num_small_blocks * _round_up(small_limit, SMALL_GROWTH_CHUNK)
+
+
+def _grown(capacity: int, needed: int, limit: int, chunk: int) -> int:
+    """A new capacity for `needed` tokens: half again as much (amortised growth), but not past the limit."""
+    wanted = max(needed, capacity * 3 // 2)
+    if limit:
+        wanted = max(needed, min(wanted, limit))
+    return _round_up(wanted, chunk)
+
+
 class SessionCache:
     def __init__(
         self,
@@ -34,7 +50,12 @@ class SessionCache:
         device: torch.device,
         common_capacity: int = GROWTH_CHUNK,
         small_capacity: int = SMALL_GROWTH_CHUNK,
+        common_limit: int = 0,
+        small_limit: int = 0,
     ) -> None:
+        """`common_limit` and `small_limit` (0: none) are the most tokens the common block and any one small block
+        will hold: growth stops there."""
+        self.common_limit, self.small_limit = common_limit, small_limit
         shape = (num_layers, num_kv_heads, _round_up(common_capacity), head_dim)
         small = (num_layers, num_small_blocks, num_kv_heads, _round_up(small_capacity, SMALL_GROWTH_CHUNK), head_dim)
         self.common_k = torch.zeros(shape, dtype=dtype, device=device)  # (L, Hkv, Cc, D)
@@ -54,11 +75,11 @@ class SessionCache:
     def reserve(self, block: int, length: int) -> None:
         """Makes room for `block` to hold `length` tokens, growing the backing tensor by chunks if needed."""
         if block == 0 and length > self.common_k.shape[2]:
-            new = _round_up(max(length, self.common_k.shape[2] * 3 // 2))
+            new = _grown(self.common_k.shape[2], length, self.common_limit, GROWTH_CHUNK)
             self.common_k = _grow(self.common_k, 2, new)
             self.common_v = _grow(self.common_v, 2, new)
         elif block > 0 and length > self.small_k.shape[3]:
-            new = _round_up(max(length, self.small_k.shape[3] * 3 // 2), SMALL_GROWTH_CHUNK)
+            new = _grown(self.small_k.shape[3], length, self.small_limit, SMALL_GROWTH_CHUNK)
             self.small_k = _grow(self.small_k, 3, new)
             self.small_v = _grow(self.small_v, 3, new)
 

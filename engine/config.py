@@ -121,7 +121,8 @@ class EngineConfig:
     model: "default" (the embedded SmolLM2-135M-Instruct), a local Hugging Face folder, or a hub id.
     device/dtype: None picks cuda + bfloat16 when a GPU is present, else cpu + float32.
     max_sessions: sessions decoded together in one batched forward (continuous batching).
-    cache_budget_tokens: KV tokens all running sessions may reserve together; 0 means no budget.
+    cache_budget_tokens: KV token slots all running sessions' caches may grow to together (each reserves its
+        cache's most, engine.cache.held_tokens_bound); 0 means no budget.
     prefix_cache_tokens: prompt KV tokens kept across sessions for prompts that start alike
         (engine.prefix_cache), on top of the budget; 0 turns prefix caching off.
     cuda_graphs: replay decode steps from CUDA graphs (engine.decode_graphs) on a CUDA device with the Triton

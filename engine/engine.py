@@ -22,7 +22,7 @@ import torch
 
 from engine import prompts
 from engine.attention import default_attention
-from engine.cache import SessionCache
+from engine.cache import SessionCache, held_tokens_bound
 from engine.config import EngineConfig, SamplingParams, SessionRequest
 from engine.decode_graphs import DecodeGraphs
 from engine.errors import CapacityError, ContextLengthError, InvalidRequestError
@@ -49,8 +49,10 @@ class CheckedRequest:
 
     request: SessionRequest
     prompt_ids: tuple[int, ...]  # the chat prompt: rules and task
-    longest_view: int  # tokens its longest view could reach: what the session reserves of the cache budget
+    longest_view: int  # tokens its longest view could reach (its common block can hold no more)
     prompt_tokens: int  # as usage counts them: the chat prompt, the section labels and first-step openings
+    longest_step: int  # tokens any one of its small blocks could reach (labels, a worker's step)
+    cache_tokens: int  # KV token slots its cache could grow to: what it reserves of the cache budget
 
 
 @dataclass
@@ -114,7 +116,7 @@ class Engine:
 
     @property
     def reserved_tokens(self) -> int:
-        """KV tokens the running sessions may reach together (what admission control counts)."""
+        """KV token slots the running sessions' caches may grow to together (what admission control counts)."""
         return sum(self._reserved.values())
 
     @property
@@ -156,22 +158,24 @@ class Engine:
                 f"{self.context_length}; shorten the prompt or lower max_tokens or workers",
                 "max_tokens",
             )
+        longest_step = self.longest_step_bound(request)
+        cache_tokens = held_tokens_bound(longest, longest_step, request.num_workers + 2)
         budget = self.config.cache_budget_tokens
-        if budget and longest > budget:
+        if budget and cache_tokens > budget:
             raise InvalidRequestError(
-                f"this session could need {longest} KV-cache tokens, more than this server's whole cache budget "
-                f"of {budget}; lower max_tokens or workers",
+                f"this session's KV cache could grow to {cache_tokens} tokens, more than this server's whole cache "
+                f"budget of {budget}; lower max_tokens or workers",
                 "max_tokens",
             )
         prompt_tokens = len(prompt_ids) + self._opening_tokens(request.names)  # as the session's usage counts them
-        return CheckedRequest(request, tuple(prompt_ids), longest, prompt_tokens)
+        return CheckedRequest(request, tuple(prompt_ids), longest, prompt_tokens, longest_step, cache_tokens)
 
     def add_session(self, session_id: str, request: SessionRequest | CheckedRequest) -> None:
         """Admits a session (checking it first unless `checked` already did); it is prefilled on the next step."""
         if session_id in self._sessions:
             raise InvalidRequestError(f"session '{session_id}' already exists")
         checked = request if isinstance(request, CheckedRequest) else self.checked(request)
-        request, prompt_ids, reserve = checked.request, list(checked.prompt_ids), checked.longest_view
+        request, prompt_ids, reserve = checked.request, list(checked.prompt_ids), checked.cache_tokens
         if len(self._sessions) >= self.config.max_sessions:
             raise CapacityError(f"{self.config.max_sessions} sessions are already running")
         budget = self.config.cache_budget_tokens
@@ -180,9 +184,12 @@ class Engine:
         m = self.model
         cache = SessionCache(
             m.num_layers, m.num_kv_heads, m.head_dim, request.num_workers + 2, m.dtype, m.device,
-            common_capacity=len(prompt_ids) + 1,
+            common_capacity=len(prompt_ids) + 1, common_limit=checked.longest_view, small_limit=checked.longest_step,
         )
-        self._sessions[session_id] = Session(session_id, request, prompt_ids, m, cache)
+        # Under a budget a session must stay within what it reserved: one whose steps are far shorter than the
+        # bound assumed (more step headers) ends at its longest view instead of growing past it.
+        view_limit = checked.longest_view if budget else None
+        self._sessions[session_id] = Session(session_id, request, prompt_ids, m, cache, view_limit)
         self._generators[session_id] = make_generator(request.sampling.seed, m.device)
         self._reserved[session_id] = reserve
         self._prompt_pages[session_id] = PromptPages(self.prefix_cache.page_keys(prompt_ids))
@@ -211,6 +218,19 @@ class Engine:
             checks = encode(prompts.REDUNDANCY_CHECK) * math.ceil(workers * budget / request.redundancy_check_every)
         finisher = encode(prompts.FINISHER) + FINISHER_MAX_TOKENS if request.final_answer else 0
         return prompt_tokens + self._opening_tokens(request.names) + headers + workers * budget + checks + finisher
+
+    def longest_step_bound(self, request: SessionRequest) -> int:
+        """Tokens one small block can reach: a section label, or one worker's step (its opening or header and a
+        redundancy check, every token of its budget, and for worker 0 the finisher)."""
+        encode = self._token_count
+        check = encode(prompts.REDUNDANCY_CHECK) if request.redundancy_check_every else 0
+        inserted = max(
+            max(encode(prompts.first_step(name, i)), encode(prompts.step_header(name, request.max_tokens)) + check)
+            for i, name in enumerate(request.names)
+        )
+        finisher = encode(prompts.FINISHER) + FINISHER_MAX_TOKENS if request.final_answer else 0
+        labels = max(encode(prompts.OTHERS_LABEL), encode(prompts.OWN_LABEL))
+        return max(labels, inserted + request.max_tokens + finisher)
 
     def _opening_tokens(self, names: tuple[str, ...]) -> int:
         """Tokens a session feeds with its chat prompt: the two section labels and every worker's first step."""

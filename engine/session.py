@@ -72,14 +72,22 @@ class Worker:
 
 class Session:
     def __init__(
-        self, session_id: str, request: SessionRequest, prompt_ids: list[int], model: LoadedModel, cache: SessionCache
+        self,
+        session_id: str,
+        request: SessionRequest,
+        prompt_ids: list[int],
+        model: LoadedModel,
+        cache: SessionCache,
+        view_limit: int | None = None,
     ) -> None:
+        """`view_limit`: the most tokens a view may hold, when lower than the model's context (what the session
+        reserved); past it, or past the context, the session ends with finish_reason "length"."""
         self.id = session_id
         self.request = request
         self.cache = cache
         self._tokenizer = tokenizer = model.tokenizer
         self._eos_ids = model.eos_token_ids
-        self._context_length = model.context_length
+        self._view_limit = min(model.context_length, view_limit or model.context_length)
         self._inv_freq = model.inv_freq
         self.common = Tokens()
         self.common.extend(prompt_ids, False)
@@ -117,7 +125,7 @@ class Session:
         for worker in feeding:  # a worker that no longer writes opens no step it would leave empty
             if worker.step_done:
                 self._start_next_step(worker)
-        if self.longest_view() > self._context_length:  # only when steps are far shorter than the check assumed
+        if self.longest_view() > self._view_limit:  # only when steps are far shorter than the checks assumed
             self._finish(("length",) * len(self.workers))
             return []
         return [self._worker_run(w) for w in feeding]

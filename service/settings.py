@@ -54,7 +54,9 @@ class Settings(BaseSettings):
         DEFAULT_MAX_SESSIONS, ge=1, description="sessions the engine runs at once (batched together)"
     )
     max_queued: int = Field(32, ge=0, description="accepted requests that may wait for a free session; beyond: 503")
-    cache_budget_tokens: int = Field(0, ge=0, description="KV-cache tokens all sessions may reserve (0: no budget)")
+    cache_budget_tokens: int = Field(
+        0, ge=0, description="KV-cache tokens all sessions' caches may grow to together (0: no budget)"
+    )
     prefix_cache_tokens: int = Field(
         DEFAULT_PREFIX_CACHE_TOKENS,
         ge=0,

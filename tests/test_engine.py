@@ -284,7 +284,8 @@ def test_capacity_limits_refuse_extra_sessions(tiny_model_dir: Path) -> None:
     engine.add_session("one", SessionRequest(prompt=TASK, max_tokens=4))
     with pytest.raises(CapacityError):
         engine.add_session("two", SessionRequest(prompt=TASK, max_tokens=4))
-    budget = engine_for(tiny_model_dir, cache_budget_tokens=1500)
+    one = engine.checked(SessionRequest(prompt=TASK, num_workers=2, max_tokens=300)).cache_tokens
+    budget = engine_for(tiny_model_dir, cache_budget_tokens=one * 3 // 2)
     budget.add_session("first", SessionRequest(prompt=TASK, num_workers=2, max_tokens=300))
     with pytest.raises(CapacityError, match="budget"):  # fits alone, but not beside the first: wait
         budget.add_session("second", SessionRequest(prompt=TASK, num_workers=2, max_tokens=300))
@@ -292,6 +293,40 @@ def test_capacity_limits_refuse_extra_sessions(tiny_model_dir: Path) -> None:
         budget.check(SessionRequest(prompt=TASK, num_workers=2, max_tokens=1000))
     budget.cancel("first")
     budget.add_session("second", SessionRequest(prompt=TASK, num_workers=2, max_tokens=300))
+
+
+def scripted_sampling(monkeypatch, engine: Engine, cycle: list[str]) -> None:
+    """Sampling follows `cycle` (token strings): every worker fed by a forward gets its next token."""
+    import engine.engine as engine_module
+
+    ids = itertools.cycle([engine.model.tokenizer.convert_tokens_to_ids(t) for t in cycle])
+    monkeypatch.setattr(engine_module, "sample", lambda logits, *_: torch.full((len(logits),), next(ids)))
+
+
+@pytest.mark.parametrize(
+    "workers,cycle,checks",
+    [
+        (1, ["Ġa"], 0),  # one step as long as the whole budget: the small blocks' worst case
+        (3, ["Ġa", "Ġb", ".", "ĊĊ"], 16),  # steps of four tokens: more headers than assumed
+    ],
+)
+def test_a_sessions_cache_never_holds_more_than_it_reserved(
+    tiny_model_dir: Path, monkeypatch, workers: int, cycle: list[str], checks: int
+) -> None:
+    """Under a budget, the bytes a session's cache holds stay within the tokens admission reserved for it."""
+    engine = engine_for(tiny_model_dir, cache_budget_tokens=100_000, prefix_cache_tokens=0)
+    scripted_sampling(monkeypatch, engine, cycle)
+    m = engine.model
+    bytes_per_token = 2 * m.num_layers * m.num_kv_heads * m.head_dim * m.dtype.itemsize
+    request = SessionRequest(prompt=TASK, num_workers=workers, max_tokens=300, redundancy_check_every=checks)
+    engine.add_session("s", request)
+    reserved, held, events = engine.reserved_tokens, 0, []
+    while engine.num_running:
+        events += [event for _, event in engine.step()]
+        held = max(held, engine.cache_bytes)
+    assert isinstance(events[-1], DoneEvent) and events[-1].usage.steps_per_worker[0] >= (1 if workers == 1 else 20)
+    assert held <= reserved * bytes_per_token
+    assert held > reserved * bytes_per_token // 3, "the bound should stay near what the worst case holds"
 
 
 def test_default_dtype_follows_the_device() -> None:

@@ -46,7 +46,9 @@ class ScriptedEngine:
         if request.prompt == "bad":
             raise InvalidRequestError("bad prompt", "prompt")
         prompt_ids = tuple(range(len(request.prompt)))
-        return CheckedRequest(request, prompt_ids, len(prompt_ids), len(prompt_ids) + OPENING_TOKENS)
+        return CheckedRequest(
+            request, prompt_ids, len(prompt_ids), len(prompt_ids) + OPENING_TOKENS, 1, len(prompt_ids) + 1
+        )
 
     def add_session(self, session_id: str, checked: CheckedRequest) -> None:
         request = checked.request
