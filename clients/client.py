@@ -9,6 +9,7 @@ cancels the session. Errors are `HogwildAPIError` (the server said no) or `Hogwi
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator
 from contextlib import contextmanager
 from types import TracebackType
@@ -24,6 +25,7 @@ COMPLETIONS_PATH = "/v1/hogwild/completions"
 DEFAULT_URL = "http://127.0.0.1:8000"
 DEFAULT_TIMEOUT_S = 600.0  # a non-stream session on a CPU can take minutes before its first byte
 CONNECT_TIMEOUT_S = 10.0
+API_KEY_CHARACTERS = re.compile(r"[\x21-\x7e]+")  # what a bearer token can hold: printable ASCII, no spaces
 OPTION_NAMES = frozenset(
     {
         "workers",
@@ -277,8 +279,8 @@ def _error_from_body(status: int | None, body: dict[str, Any], fallback: str) ->
         return HogwildAPIError(
             status, str(error.get("message") or fallback), error.get("type"), error.get("param"), error.get("code")
         )
-    detail = body.get("detail")
-    return HogwildAPIError(status, detail if isinstance(detail, str) else fallback)
+    message = body.get("detail", body.get("message"))  # FastAPI's shape, or /health's
+    return HogwildAPIError(status, message if isinstance(message, str) and message else fallback)
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -299,7 +301,12 @@ def _transport_errors(base_url: str) -> Iterator[None]:
 
 
 def _headers(api_key: str | None) -> dict[str, str]:
-    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    """The Authorization header for `api_key`, trimmed (a key read from a file often ends in a newline). A key
+    that cannot be a header value is refused here, without echoing it: error messages end up in logs."""
+    key = (api_key or "").strip()
+    if key and not API_KEY_CHARACTERS.fullmatch(key):
+        raise HogwildClientError("the API key may only hold printable ASCII characters without spaces")
+    return {"Authorization": f"Bearer {key}"} if key else {}
 
 
 def _timeout(seconds: float | None) -> httpx.Timeout:

@@ -396,3 +396,36 @@ def test_a_success_status_without_json_is_a_client_error_not_a_traceback() -> No
     for call in (client.health, client.models, lambda: client.complete("task")):
         with pytest.raises(HogwildClientError, match="did not answer with JSON"):
             call()
+
+
+def test_an_api_key_read_with_its_newline_is_trimmed() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json={"object": "list", "data": []})
+
+    HogwildClient("http://test", api_key="s3cr3t-key\r\n", transport=httpx.MockTransport(handler)).models()
+    assert seen[0].headers["authorization"] == "Bearer s3cr3t-key"
+
+
+@pytest.mark.parametrize("key", ["cl\u00e9", "sekrit\u2019", "two words", "a\rb"])
+def test_an_api_key_that_cannot_be_a_header_is_a_client_error_that_does_not_echo_it(
+    key: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for make in (HogwildClient, AsyncHogwildClient):
+        with pytest.raises(HogwildClientError, match="printable ASCII") as raised:
+            make("http://127.0.0.1:9", api_key=key)
+        assert key not in str(raised.value)
+    assert run_client(cli_args("http://127.0.0.1:9", "--api-key", key)) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: the API key") and key not in err
+
+
+def test_health_that_answers_503_gives_its_message() -> None:
+    """/health's 503 body carries its reason in `message`, beside the status fields."""
+    body = {"status": "down", "sessions_running": 0, "message": "the engine process was killed by SIGKILL; restarting"}
+    client = HogwildClient("http://test", transport=httpx.MockTransport(lambda request: httpx.Response(503, json=body)))
+    with pytest.raises(HogwildAPIError) as raised:
+        client.health()
+    assert raised.value.status == 503 and raised.value.message == body["message"]

@@ -242,3 +242,47 @@ def test_page_fits_a_phone_screen(server: str, browser: Browser) -> None:
     box = page.locator("#prompt").bounding_box()
     assert box is not None and box["width"] > 300, "the task box uses the screen's width"
     context.close()
+
+
+@pytest.mark.parametrize("width", [375, 1024])
+def test_counters_show_in_full_after_a_run_on_narrow_screens(server: str, browser: Browser, width: int) -> None:
+    """"prompt · cached" (e.g. "292 · 224") is the widest counter: it wraps rather than being cut to "292 · …"."""
+    wait_for_sessions(server, running=0)
+    context = browser.new_context(viewport={"width": width, "height": 900})
+    page = context.new_page()
+    page.goto(server + "/")
+    fill(page, workers=2, max_tokens=4, temperature=0)
+    page.click("#start")
+    assert wait_until_not_running(page) == "done"
+    assert " · " in page.inner_text("#stat-prompt")
+    clipped = page.evaluate(
+        """() => [...document.querySelectorAll('.stats dd')]
+            .filter((dd) => dd.scrollWidth > dd.clientWidth).map((dd) => `${dd.id}: ${dd.textContent}`)"""
+    )
+    context.close()
+    assert clipped == []
+
+
+def test_a_mistyped_number_or_an_unsendable_key_is_refused_before_sending(page: Page) -> None:
+    """A number field holding "5e" reads as empty, which would silently send the server's default; a key with a
+    typographic apostrophe cannot be an HTTP header. Both are named, marked and focused; nothing is sent."""
+    sent: list[str] = []
+    page.on("request", lambda request: sent.append(request.url) if "completions" in request.url else None)
+    fill(page, max_tokens=4)
+    page.focus("#workers")
+    page.keyboard.press("Control+A")
+    page.keyboard.type("5e")
+    page.click("#start")
+    expect(page.locator("#error")).to_have_text("Workers: not a number")
+    expect(page.locator("#workers")).to_have_attribute("aria-invalid", "true")
+    expect(page.locator("#workers")).to_be_focused()
+    page.fill("#workers", "2")
+    page.fill("#api_key", "sekrit\u2019")
+    page.click("#start")
+    expect(page.locator("#error")).to_contain_text("API key: only printable ASCII")
+    expect(page.locator("#api_key")).to_be_focused()
+    assert sent == [] and page.locator("#lanes .lane").count() == 0
+    page.fill("#api_key", API_KEY)
+    page.click("#start")
+    assert wait_until_not_running(page) == "done" and len(sent) == 1
+    expect(page.locator("#error")).to_be_hidden()

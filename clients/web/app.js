@@ -49,6 +49,22 @@ function requestBody() {
   return body;
 }
 
+// What the form cannot send as typed: a number field holding no number ("5e": its value reads as empty, which
+// would silently mean the server's default), or an API key no HTTP header can carry.
+function formProblem() {
+  for (const name of NUMBER_FIELDS) {
+    if ($(name).validity.badInput) return { message: `${fieldLabel(name)}: not a number`, param: name };
+  }
+  if (/[^\x21-\x7e]/.test($("api_key").value.trim())) {
+    return { message: "API key: only printable ASCII characters, without spaces", param: "api_key" };
+  }
+  return null;
+}
+
+function fieldLabel(name) {
+  return document.querySelector(`label[for="${name}"]`).firstChild.textContent.trim();
+}
+
 function headers() {
   const key = $("api_key").value.trim();
   const result = { "Content-Type": "application/json", Accept: "text/event-stream" };
@@ -60,6 +76,11 @@ async function start(event) {
   event?.preventDefault();
   if (run && !run.endedAt) return;
   clearError();
+  const problem = formProblem();
+  if (problem) {
+    showError(problem.message, problem.param);
+    return;
+  }
   const body = requestBody();
   run = newRun(Number.isInteger(body.workers) ? body.workers : 2);
   resetView();
