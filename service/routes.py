@@ -7,7 +7,6 @@ import time
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from sse_starlette import EventSourceResponse
 
 from service.bridge import EngineBridge, EngineState
 from service.collect import CompletionCollector
@@ -16,7 +15,7 @@ from service.metrics import CONTENT_TYPE, Metrics
 from service.schemas import CompletionRequest, CompletionResponse, ErrorResponse, ModelCard, ModelList
 from service.session import SessionHandle
 from service.settings import Settings
-from service.streaming import ChunkWriter, stream_session
+from service.streaming import ChunkWriter, SessionStream, stream_session
 
 COMPLETIONS_PATH = "/v1/hogwild/completions"
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away"; nobody reads it
@@ -78,7 +77,9 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     if body.stream:
         writer = ChunkWriter(session.request_id, created, model, session_request.names, body.include_usage)
         events = stream_session(session, writer, settings.keepalive_seconds, _metrics(request).count_request)
-        return EventSourceResponse(events, ping=0, sep="\n")
+        # A client that stops reading would hold its stream open, and everything its session still generates, for
+        # as long as it stays connected: a write that waits send_timeout for it ends the stream and the session.
+        return SessionStream(events, ping=0, sep="\n", send_timeout=settings.send_timeout_seconds)
     collector = CompletionCollector(
         session.request_id, created, model, session_request.names, settings.retry_after_seconds
     )

@@ -73,8 +73,23 @@ class Settings(BaseSettings):
     keepalive_seconds: float = Field(
         10.0, gt=0, allow_inf_nan=False, description="interval of ': ping' comments on an idle stream"
     )
+    send_timeout_seconds: float = Field(
+        30.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="a stream whose client takes no data for this long is cancelled and its session freed",
+    )
     retry_after_seconds: int = Field(2, ge=1, description="Retry-After value of 503 answers")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="log level")
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _blank_key_is_no_key(cls, value: object) -> object:
+        """An empty key (`--api-key ""`, as an empty HOGWILD_API_KEY already is) means no key, not a lock that an
+        empty bearer token opens."""
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
 
     @field_validator("cors_origins", mode="before")
     @classmethod

@@ -9,7 +9,12 @@ every keep-alive interval.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator, Callable
+
+from sse_starlette import EventSourceResponse
+from sse_starlette.sse import SendTimeoutError
+from starlette.types import Receive, Scope, Send
 
 from engine.events import AnswerEvent, DoneEvent, Event, InsertedEvent, StepEndEvent, TokenEvent
 from service.errors import APIError, outcome_of
@@ -100,3 +105,18 @@ async def stream_session(
     finally:
         session.close()
         on_end(writer.outcome or "cancelled")
+
+
+class SessionStream(EventSourceResponse):
+    """The SSE response of one session. A client that takes no data for `send_timeout` seconds (it stopped reading
+    but stays connected) ends the stream: the body's generator is closed, which cancels the session, and the
+    server logs one line instead of a traceback; the connection is then closed unfinished."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except SendTimeoutError:
+            logging.getLogger("hogwild.stream").warning(
+                "a client took no stream data for %g s: its stream ends and its session is cancelled",
+                self.send_timeout,
+            )

@@ -275,6 +275,14 @@ def test_metrics_text_is_valid_exposition() -> None:
             assert any(family == name or family.startswith(f"{name}_") for name in declared), line
 
 
+@pytest.mark.parametrize("key", ["", "  "])
+def test_an_empty_api_key_flag_means_no_key_as_the_empty_variable_does(clean_env: pytest.MonkeyPatch, key: str) -> None:
+    """`hogwild serve --api-key ""` turned auth on with an empty key, which an empty bearer token opened."""
+    assert Settings(api_key=key).api_key is None
+    clean_env.setenv("HOGWILD_API_KEY", key)
+    assert Settings().api_key is None
+
+
 def test_cors_preflight_passes_and_refusals_carry_cors_headers(clean_env: pytest.MonkeyPatch) -> None:
     settings = Settings(cors_origins=["http://demo.test"], api_key="k")
     client = TestClient(create_app(settings))
