@@ -116,11 +116,17 @@ class EngineProcess:
             self.process.join()
         if self._reader is not None and self._reader is not threading.current_thread():
             self._reader.join(POLL_SECONDS * 4)
-        # Dropped here, the queue's semaphores are unlinked now instead of being reported as leaked at exit.
+        # Dropped here, the queue's semaphores are unlinked now instead of being reported as leaked at exit. Its
+        # feeder thread holds two of them until it ends: after a clean exit the engine read every command up to
+        # Shutdown, so the thread can flush and is waited for; after a kill it could block on a full pipe, so not.
         commands, self._commands = self._commands, None
         if commands is not None:
-            commands.cancel_join_thread()
+            drained = self.process.exitcode == 0
+            if not drained:
+                commands.cancel_join_thread()
             commands.close()
+            if drained:
+                commands.join_thread()
         self._replies.close()
 
     def _read(self, on_reply: Callable[[Reply], None], on_exit: Callable[[], None]) -> None:
