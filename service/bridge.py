@@ -104,13 +104,13 @@ class EngineProcess:
         if self._commands is not None:  # else stopped: nothing sent matters any more
             self._commands.put(command)
 
-    def stop(self) -> None:
-        """Asks the engine to exit, killing it if it does not (it ignores SIGTERM, see run_engine_process); then
-        releases the channels. Blocking."""
+    def stop(self, grace_seconds: float = STOP_TIMEOUT_SECONDS) -> None:
+        """Asks the engine to exit within `grace_seconds` (0: no asking), killing it if it does not (it ignores
+        SIGTERM, see run_engine_process); then releases the channels. Blocking."""
         self._is_stopping = True
-        if self.process.is_alive():
+        if self.process.is_alive() and grace_seconds > 0:
             self.send(Shutdown())
-            self.process.join(STOP_TIMEOUT_SECONDS)
+            self.process.join(grace_seconds)
         if self.process.is_alive():
             self.process.kill()
             self.process.join()
@@ -335,17 +335,20 @@ class EngineBridge:
         self.status_message = f"the engine process {how}; restarting"
         logger.error("engine process %s %s", process.pid, how)
         self._fail_sessions(ENGINE_LOST_MESSAGE, "engine_unavailable")
-        self._run_in_background(asyncio.get_running_loop().run_in_executor(None, process.stop))
+        # Gone, or alive but no longer read (a garbled reply): either way it is killed, not asked, and the new
+        # engine starts only once the old one has exited, so two never hold the model (and the GPU) at once.
+        stopped = asyncio.get_running_loop().run_in_executor(None, process.stop, 0.0)
+        self._run_in_background(stopped)
         if not was_ready:
             self._failed_starts += 1
             if self._failed_starts >= MAX_FAILED_STARTS:
                 self._give_up(f"the engine process exited {self._failed_starts} times while loading the model")
                 return
         self.metrics.engine_restarts += 1
-        self._run_in_background(self._restart())
+        self._run_in_background(self._restart(stopped))
 
-    async def _restart(self) -> None:
-        await asyncio.sleep(RESTART_DELAY_SECONDS)
+    async def _restart(self, stopped: Awaitable[object]) -> None:
+        await asyncio.gather(asyncio.sleep(RESTART_DELAY_SECONDS), stopped)
         if self._is_stopping:
             return
         try:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from fastapi.testclient import TestClient
@@ -355,9 +357,39 @@ def test_an_engine_that_cannot_be_restarted_is_given_up(monkeypatch: pytest.Monk
 
     monkeypatch.setattr(bridge, "_spawn", no_process)
     monkeypatch.setattr(bridge_module, "RESTART_DELAY_SECONDS", 0.0)
-    asyncio.run(bridge._restart())
+    asyncio.run(bridge._restart(asyncio.sleep(0)))
     assert bridge.state is EngineState.FAILED
     assert fatal and "could not start" in fatal[0] and "Too many open files" in fatal[0]
+
+
+def test_a_new_engine_starts_only_after_the_old_one_is_gone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An engine whose replies can no longer be read may still be alive: it is killed (not asked, it may be stuck
+    on a full pipe), and the new one spawns only once it exited, so two engines never hold the model at once."""
+    bridge = EngineBridge(Settings(), Metrics())
+    order: list[object] = []
+
+    class StuckEngine:
+        pid = 1
+        process = SimpleNamespace(exitcode=None)
+
+        def stop(self, grace_seconds: float = 10.0) -> None:
+            time.sleep(0.3)
+            order.append(("stopped", grace_seconds))
+
+    async def spawn() -> None:
+        order.append("spawned")
+
+    async def lose_the_engine() -> None:
+        bridge._process, bridge.state = StuckEngine(), EngineState.READY  # type: ignore[assignment]
+        bridge._on_exit(bridge._process)  # type: ignore[arg-type]
+        while bridge._tasks:
+            await asyncio.wait_for(asyncio.gather(*bridge._tasks), 5)
+
+    monkeypatch.setattr(bridge, "_spawn", spawn)
+    monkeypatch.setattr(bridge_module, "RESTART_DELAY_SECONDS", 0.0)
+    asyncio.run(lose_the_engine())
+    assert order == [("stopped", 0.0), "spawned"]
+    assert bridge.metrics.engine_restarts == 1
 
 
 def test_left_out_fields_take_values_the_server_accepts() -> None:
