@@ -15,6 +15,7 @@ from fastapi.responses import FileResponse
 from service.auth import ApiKeyMiddleware
 from service.bridge import EngineBridge
 from service.errors import APIError, install_error_handlers, outcome_of
+from service.limits import BodyLimitMiddleware
 from service.metrics import Metrics
 from service.routes import COMPLETIONS_PATH, router
 from service.settings import Settings
@@ -58,6 +59,7 @@ def create_app(
             metrics.count_request(outcome_of(error))
 
     install_error_handlers(app, count_error, settings.retry_after_seconds)
+    app.add_middleware(BodyLimitMiddleware, on_reject=count_error)
     if settings.api_key is not None:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key.get_secret_value(), on_reject=count_error)
     if settings.cors_origins:

@@ -28,12 +28,14 @@ STATUS_BY_CODE = {
     "capacity_exceeded": 503,
     "engine_unavailable": 503,
 }
+REQUEST_TOO_LARGE = "request_too_large"  # the code of a 413 (service.limits)
 BODY_PARSE_FAILED = "There was an error parsing the body"  # FastAPI's detail when reading the JSON body raises
 TYPE_BY_STATUS = {
     400: "invalid_request_error",
     401: "authentication_error",
     404: "invalid_request_error",
     405: "invalid_request_error",
+    413: "invalid_request_error",
     503: "service_unavailable_error",
 }
 
@@ -101,7 +103,7 @@ def validation_error(exc: RequestValidationError) -> APIError:
 
 def outcome_of(error: APIError) -> str:
     """The `outcome` label of hogwild_requests_total for a request answered with `error`."""
-    if error.status in (400, 405):
+    if error.status in (400, 405, 413):
         return "invalid_request"
     if error.status == 401:
         return "unauthorized"
@@ -141,6 +143,8 @@ def install_error_handlers(
         code = None
         if exc.status_code == 400 and message == BODY_PARSE_FAILED:  # FastAPI's answer when parsing itself fails
             message, code = "request body could not be parsed as JSON (too deeply nested?)", "invalid_json"
+        elif exc.status_code == 413:
+            code = REQUEST_TOO_LARGE
         return respond(request, APIError(exc.status_code, message, code, headers=getattr(exc, "headers", None)))
 
     @app.exception_handler(Exception)

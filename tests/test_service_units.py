@@ -29,6 +29,7 @@ from service.bridge import EngineBridge, EngineState, exit_description
 from service.cli import build_parser, main
 from service.collect import CompletionCollector
 from service.errors import APIError
+from service.limits import MAX_BODY_BYTES
 from service.metrics import Histogram, Metrics
 from service.schemas import CompletionRequest
 from service.session import SessionHandle
@@ -402,3 +403,19 @@ def test_left_out_fields_take_values_the_server_accepts() -> None:
     assert CompletionRequest(prompt="Hi").session_request(max_tokens_limit=40).max_tokens == 40
     assert CompletionRequest(prompt="Hi").session_request(max_tokens_limit=4000).max_tokens == 256
     assert CompletionRequest(prompt="Hi", max_tokens=100).session_request(max_tokens_limit=40).max_tokens == 100
+
+
+def test_a_body_past_the_size_limit_is_refused_with_413(clean_env: pytest.MonkeyPatch) -> None:
+    """Refused before it is read whole: by its Content-Length, or, sent in chunks, once it passes the limit."""
+    client = TestClient(create_app(Settings()))
+    huge = b'{"prompt": "' + b"x" * MAX_BODY_BYTES + b'"}'
+    declared = client.post("/v1/hogwild/completions", content=huge, headers={"Content-Type": "application/json"})
+    chunks = (huge[i : i + 1 << 20] for i in range(0, len(huge), 1 << 20))
+    chunked = client.post("/v1/hogwild/completions", content=chunks, headers={"Content-Type": "application/json"})
+    assert "content-length" not in chunked.request.headers
+    for response in (declared, chunked):
+        assert response.status_code == 413
+        assert response.json()["error"]["code"] == "request_too_large"
+        assert "16 MB" in response.json()["error"]["message"]
+    small = client.post("/v1/hogwild/completions", json={"prompt": "Hi", "workers": 0})
+    assert small.status_code == 400, "a body within the limit reaches the route"
