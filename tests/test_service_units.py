@@ -34,7 +34,7 @@ from service.metrics import Histogram, Metrics
 from service.schemas import CompletionRequest
 from service.session import SessionHandle
 from service.settings import Settings
-from service.streaming import DONE_FRAME, ChunkWriter
+from service.streaming import DONE_FRAME, ChunkWriter, SessionStream, stream_session
 
 NAMES = ("Alice", "Bob")
 USAGE = Usage(prompt_tokens=10, completion_tokens_per_worker=(2, 1), steps_per_worker=(2, 1))
@@ -419,3 +419,33 @@ def test_a_body_past_the_size_limit_is_refused_with_413(clean_env: pytest.Monkey
         assert "16 MB" in response.json()["error"]["message"]
     small = client.post("/v1/hogwild/completions", json={"prompt": "Hi", "workers": 0})
     assert small.status_code == 400, "a body within the limit reaches the route"
+
+
+def test_a_stream_whose_client_takes_no_data_ends_and_releases_its_session(caplog: pytest.LogCaptureFixture) -> None:
+    """A client connected but reading nothing: the write waits `send_timeout`, then the stream ends quietly and
+    its session is released (cancelled in the engine) instead of generating into server memory for as long as
+    the client stays connected."""
+    released: list[SessionHandle] = []
+    outcomes: list[str] = []
+    scope = {"type": "http", "method": "POST", "path": "/v1/hogwild/completions", "headers": []}
+
+    async def stalled_client() -> None:
+        session = SessionHandle("r1", 1, release=released.append)
+        for _ in range(3):
+            session.deliver(TokenEvent(0, 1, "x", (1,)))
+        events = stream_session(session, ChunkWriter("r1", 0, "m", ("Alice",), False), 0.05, outcomes.append)
+        never = asyncio.Event()
+
+        async def send(message: dict) -> None:
+            if message["type"] == "http.response.body" and message.get("body"):
+                await never.wait()  # the client's window stays full: no write completes
+
+        async def receive() -> dict:
+            await never.wait()  # and it never disconnects
+            return {}
+
+        await asyncio.wait_for(SessionStream(events, ping=0, sep="\n", send_timeout=0.2)(scope, receive, send), 5)
+
+    asyncio.run(stalled_client())
+    assert len(released) == 1 and outcomes == ["cancelled"]
+    assert "took no stream data for 0.2 s" in caplog.text
