@@ -33,7 +33,7 @@ from engine.events import (
 )
 from engine.model import LoadedModel
 from engine.plan import Run
-from engine.text import BOXED, extract_boxed, is_step_end
+from engine.text import BOXED, ends_inside_token, extract_boxed, is_step_end
 
 COMMON, OTHERS_LABEL, OWN_LABEL = 0, 1, 2
 FIRST_STEP_BLOCK = 3
@@ -68,6 +68,7 @@ class Worker:
     text: str = ""  # the current step's text (inserted + sampled)
     generated: int = 0
     step_done: bool = False  # its last token ended the step: move the block to the history first
+    closing: bool = False  # that token also holds the step's last text ('.\n\n'): it joins the step first
 
 
 class Session:
@@ -123,7 +124,7 @@ class Session:
             return self._prefill_runs()
         feeding = self.workers[:1] if self._finishing else self.workers  # the finisher: worker 0 alone
         for worker in feeding:  # a worker that no longer writes opens no step it would leave empty
-            if worker.step_done:
+            if worker.step_done and not worker.closing:
                 self._start_next_step(worker)
         if self.longest_view() > self._view_limit:  # only when steps are far shorter than the checks assumed
             self._finish(("length",) * len(self.workers))
@@ -196,6 +197,9 @@ class Session:
             self._commit_finisher(token_ids[0])
         else:
             for worker, token_id in zip(self.workers, token_ids, strict=True):
+                if worker.closing:  # it fed its step's last token; what it sampled after it belongs to no step
+                    worker.closing = False
+                    continue
                 self._commit_token(worker, token_id)
                 if self.done:
                     break
@@ -216,12 +220,15 @@ class Session:
             return
         self._events.append(TokenEvent(worker.index, worker.step, text, ids))
         ends_step = is_step_end(worker.text, text)
+        closing = ends_step and ends_inside_token(worker.text, text)
         worker.text += text
         if "}" in text and (answer := extract_boxed(worker.text)) is not None:
             self._give_answer(worker, answer)
             self._finish(("stop",) * len(self.workers))
         elif ends_step:
-            worker.step_done = True
+            # A token that only completes the blank line opens the next step, before its header; one that also
+            # ends the step's text ('.\n\n') is fed into this step first, so the history keeps every step whole.
+            worker.step_done, worker.closing = True, closing
             self._events.append(StepEndEvent(worker.index, worker.step, worker.text.strip()))
 
     def _count_generated(self) -> None:

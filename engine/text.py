@@ -39,6 +39,13 @@ def is_step_end(step_text: str, token_text: str) -> bool:
     return ends_sentence(before) and not has_open_block(before)
 
 
+def ends_inside_token(step_text: str, token_text: str) -> bool:
+    """For a token that ends the step (is_step_end): whether it also carries the step's last text, as tokenizers
+    that merge punctuation with the blank line produce ('.\n\n'), rather than only the blank line."""
+    cut = (step_text + token_text).find(STEP_SEPARATOR, max(0, len(step_text) - 1))
+    return bool(token_text[: max(0, cut - len(step_text))].strip())
+
+
 def extract_boxed(text: str) -> str | None:
     """The content of the first complete \\boxed{...} (nested braces allowed), or None."""
     start = text.find(BOXED)

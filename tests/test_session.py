@@ -248,3 +248,45 @@ def test_a_first_sampled_word_keeps_its_space_with_a_tokenizer_that_strips_one()
     texts = [e.text for e in session.take_events() if isinstance(e, TokenEvent)]
     assert "".join(texts) == " solve it"
     assert session.workers[0].text.endswith("we can solve it")
+
+
+def merged_blank_line_tokenizer():
+    """A byte-level tokenizer with one token for '.\\n\\n', as Qwen's and Llama 3's have (the default model's
+    splits the full stop from the blank line)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {char: i for i, char in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    for extra in ("\u0120solved", ".\u010a\u010a", "<eos>"):
+        vocab[extra] = len(vocab)
+    model = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    model.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    model.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=model, eos_token="<eos>")
+
+
+def test_a_token_that_ends_the_step_and_its_text_stays_in_that_step() -> None:
+    """'.\\n\\n' ends Alice's step: it is fed into her step before the step moves into the history (the full stop
+    stays with its sentence, not at the head of her next step, after whatever finished in between); what she
+    samples after it belongs to no step, and her next step opens with its header."""
+    tok = merged_blank_line_tokenizer()
+    solved, full_stop = tok.convert_tokens_to_ids("\u0120solved"), tok.convert_tokens_to_ids(".\u010a\u010a")
+    session = make_session(tok, num_workers=2, max_tokens=10, final_answer=False)
+
+    def forward(samples: list[int]) -> list:
+        runs = session.runs()
+        build_forward([(session.cache, runs)], INV_FREQ, torch.float32)
+        session.commit(samples)
+        return runs
+
+    forward([solved, solved])  # prefill, then both sample " solved"
+    forward([full_stop, solved])  # Alice ends her step with '.\n\n'
+    session.take_events()
+    alice = forward([solved, solved])[0]
+    assert alice.block == FIRST_STEP_BLOCK and alice.token_ids == (full_stop,), "fed into the step it ends"
+    assert [e.worker for e in session.take_events() if isinstance(e, TokenEvent)] == [1], "her sample is dropped"
+    alice = forward([solved, solved])[0]
+    assert alice.token_ids == tuple(tok.encode(prompts.step_header("Alice", 2), add_special_tokens=False))
+    history = tok.decode(session.common.ids)
+    assert history.endswith("how we can solved.\n\n"), history[-60:]
+    assert session.workers[0].generated == 3 and session.workers[0].step == 2  # the dropped sample is not counted

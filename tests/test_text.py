@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.text import extract_boxed, has_open_block, is_step_end
+from engine.text import ends_inside_token, extract_boxed, has_open_block, is_step_end
 
 
 @pytest.mark.parametrize(
@@ -47,3 +47,20 @@ def test_dollar_signs_inside_code_do_not_open_math() -> None:
 )
 def test_answer_extraction(text: str, answer: str | None) -> None:
     assert extract_boxed(text) == answer
+
+
+@pytest.mark.parametrize(
+    ("step_text", "token_text", "inside"),
+    [
+        ("We add them", ".\n\n", True),  # punctuation merged with the blank line (Qwen, Llama 3)
+        ("We add them", ").\n\n", True),
+        ("We add them.", "\n\n", False),  # only the blank line: it opens the next step
+        ("We add them.\n", "\n", False),  # the blank line completed by a split newline
+        ("We add them.", "\n\n ", False),
+    ],
+)
+def test_a_step_ending_token_is_told_apart_by_whether_it_holds_step_text(
+    step_text: str, token_text: str, inside: bool
+) -> None:
+    assert is_step_end(step_text, token_text)
+    assert ends_inside_token(step_text, token_text) is inside
