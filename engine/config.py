@@ -50,7 +50,8 @@ class SessionRequest:
 
     max_tokens is the budget per worker: the number of lockstep decode steps, each sampling one token per worker.
     redundancy_check_every counts generated tokens over all workers; 0 disables the check.
-    final_answer turns on the finisher that forces a \\boxed{} answer when the budget ends without one.
+    final_answer turns on the finisher that forces a \\boxed{} answer when the budget ends, or a worker ends its
+        turn, without one.
     """
 
     prompt: str

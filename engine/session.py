@@ -101,6 +101,7 @@ class Session:
         self._decode_rounds = 0  # lockstep forwards that sampled a token for every worker (the budget counts these)
         self._finishing = False
         self._finisher_text = ""
+        self._finisher_reason: FinishReason = "length"
         self._finisher_tokens = 0
         self._prompt_len = len(prompt_ids)
         self._prefilled = 0  # prompt tokens already fed (or copied from the prefix cache)
@@ -201,9 +202,9 @@ class Session:
                     worker.closing = False
                     continue
                 self._commit_token(worker, token_id)
-                if self.done:
+                if self.done or self._finishing:  # the others' samples of this round are dropped with it
                     break
-            if not self.done:
+            if not self.done and not self._finishing:
                 self._decode_rounds += 1
                 if self._decode_rounds >= self.request.max_tokens:
                     self._out_of_budget()
@@ -213,7 +214,12 @@ class Session:
         worker.pending.extend([token_id], True)
         self._count_generated()
         if token_id in self._eos_ids:
-            self._finish(("stop",) * len(self.workers))
+            if self.request.final_answer and self.answer is None:  # a worker ended its turn without an answer
+                worker.pending.ids.pop()  # the finisher's text follows the step's text, not an end of turn
+                worker.pending.sampled.pop()
+                self._start_finisher("stop")
+            else:
+                self._finish(("stop",) * len(self.workers))
             return
         text, ids = worker.decoder.feed(token_id)
         if not text:
@@ -241,9 +247,13 @@ class Session:
         if not self.request.final_answer or self.answer is not None:
             self._finish(("length",) * len(self.workers))
             return
-        self._finishing = True
+        self._start_finisher("length")
+
+    def _start_finisher(self, reason: FinishReason) -> None:
+        """Worker 0 alone, greedy, concludes with a \\boxed{} answer; the session then ends with `reason`."""
+        self._finishing, self._finisher_reason = True, reason
         worker = self.workers[0]
-        worker.step_done = False  # the finisher continues worker 0's current step, whatever it was
+        worker.step_done = worker.closing = False  # the finisher continues worker 0's current step, as it is
         self._insert(worker, prompts.FINISHER, "finisher")
 
     def _commit_finisher(self, token_id: int) -> None:
@@ -260,7 +270,7 @@ class Session:
         if answer is not None or exhausted:
             if answer is not None:
                 self._give_answer(worker, answer)
-            self._finish(("length",) * len(self.workers))
+            self._finish((self._finisher_reason,) * len(self.workers))
 
     def _give_answer(self, worker: Worker, answer: str) -> None:
         self.answer = answer

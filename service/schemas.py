@@ -46,7 +46,9 @@ class CompletionRequest(BaseModel):
     redundancy_check_every: int = Field(
         DEFAULT_REDUNDANCY_CHECK_EVERY, description="ask 'am I doing redundant work?' every N generated tokens; 0: off"
     )
-    final_answer: bool = Field(True, description="force a \\boxed{} answer when the budget ends without one")
+    final_answer: bool = Field(
+        True, description="force a \\boxed{} answer when the budget or a worker's turn ends without one"
+    )
     stream: bool = Field(False, description="stream server-sent events")
     stream_options: StreamOptions | None = None
     model: str | None = Field(None, description="if given, must equal the served model id (see /v1/models)")

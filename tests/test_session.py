@@ -111,10 +111,32 @@ def test_a_boxed_answer_ends_the_session(tokenizer) -> None:
 
 
 def test_end_of_sequence_ends_the_session(tokenizer) -> None:
-    session = make_session(tokenizer, num_workers=2, max_tokens=50)
+    session = make_session(tokenizer, num_workers=2, max_tokens=50, final_answer=False)
     events = drive(session, tokenizer, [[" a", " b"], [" c", tokenizer.eos_token]])
     done = events[-1]
     assert isinstance(done, DoneEvent) and done.finish_reasons == ("stop", "stop") and done.answer is None
+
+
+@pytest.mark.parametrize("ender", [0, 1])
+def test_end_of_sequence_without_an_answer_lets_worker_0_conclude(tokenizer, ender: int) -> None:
+    """With final_answer on, a worker that ends its turn before any answer ends the session through the finisher:
+    worker 0 alone writes the \\boxed{} conclusion after its own text (an end of turn it sampled is not fed)."""
+    session = make_session(tokenizer, num_workers=2, max_tokens=50)
+    row = [" c", " d"]
+    row[ender] = tokenizer.eos_token
+    events = drive(session, tokenizer, [[" a", " b"], row])
+    inserted = [e for e in events if isinstance(e, InsertedEvent) and e.reason == "finisher"]
+    assert [e.worker for e in inserted] == [0] and session.is_finishing and not session.done
+    runs = session.runs()
+    assert len(runs) == 1 and runs[0].block == FIRST_STEP_BLOCK, "worker 0 alone feeds"
+    assert tokenizer.eos_token_id not in runs[0].token_ids
+    assert runs[0].token_ids[-len(inserted[0].token_ids) :] == inserted[0].token_ids
+    build_forward([(session.cache, runs)], INV_FREQ, torch.float32)
+    session.commit([token(tokenizer, "7")])
+    events = drive(session, tokenizer, [["}"]])
+    done = events[-1]
+    assert isinstance(done, DoneEvent) and done.answer == "7" and done.finish_reasons == ("stop", "stop")
+    assert done.usage.completion_tokens_per_worker[ender] == 2 + (2 if ender == 0 else 0), "the end of turn counts"
 
 
 def test_budget_without_finisher_ends_with_length(tokenizer) -> None:
