@@ -32,10 +32,11 @@ def held_tokens_bound(common_limit: int, small_limit: int, num_small_blocks: int
 
 
 def _grown(capacity: int, needed: int, limit: int, chunk: int) -> int:
-    """A new capacity for `needed` tokens: half again as much (amortised growth), but not past the limit."""
+    """A new capacity for `needed` tokens: half again as much (amortised growth), but not past the limit while
+    the limit holds what is needed (past it, growth stays amortised)."""
     wanted = max(needed, capacity * 3 // 2)
-    if limit:
-        wanted = max(needed, min(wanted, limit))
+    if limit and needed <= limit:
+        wanted = min(wanted, limit)
     return _round_up(wanted, chunk)
 
 

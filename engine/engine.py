@@ -216,7 +216,7 @@ class Engine:
         checks = 0
         if request.redundancy_check_every:
             checks = encode(prompts.REDUNDANCY_CHECK) * math.ceil(workers * budget / request.redundancy_check_every)
-        finisher = encode(prompts.FINISHER) + FINISHER_MAX_TOKENS if request.final_answer else 0
+        finisher = self._finisher_tokens(request)
         return prompt_tokens + self._opening_tokens(request.names) + headers + workers * budget + checks + finisher
 
     def longest_step_bound(self, request: SessionRequest) -> int:
@@ -228,9 +228,13 @@ class Engine:
             max(encode(prompts.first_step(name, i)), encode(prompts.step_header(name, request.max_tokens)) + check)
             for i, name in enumerate(request.names)
         )
-        finisher = encode(prompts.FINISHER) + FINISHER_MAX_TOKENS if request.final_answer else 0
+        finisher = self._finisher_tokens(request)
         labels = max(encode(prompts.OTHERS_LABEL), encode(prompts.OWN_LABEL))
         return max(labels, inserted + request.max_tokens + finisher)
+
+    def _finisher_tokens(self, request: SessionRequest) -> int:
+        """Tokens the finisher can add to worker 0's step: its text and the most it samples."""
+        return self._token_count(prompts.FINISHER) + FINISHER_MAX_TOKENS if request.final_answer else 0
 
     def _opening_tokens(self, names: tuple[str, ...]) -> int:
         """Tokens a session feeds with its chat prompt: the two section labels and every worker's first step."""

@@ -113,7 +113,9 @@ class EngineProcess:
             self.process.join(grace_seconds)
         if self.process.is_alive():
             self.process.kill()
-            self.process.join()
+            self.process.join(STOP_TIMEOUT_SECONDS)
+            if self.process.is_alive():  # stuck in the kernel (a hung device driver): nothing more to do here
+                logger.error("engine process %s did not exit %g s after SIGKILL", self.pid, STOP_TIMEOUT_SECONDS)
         if self._reader is not None and self._reader is not threading.current_thread():
             self._reader.join(POLL_SECONDS * 4)
         # Dropped here, the queue's semaphores are unlinked now instead of being reported as leaked at exit. Its
@@ -348,7 +350,9 @@ class EngineBridge:
         self._run_in_background(self._restart(stopped))
 
     async def _restart(self, stopped: Awaitable[object]) -> None:
-        await asyncio.gather(asyncio.sleep(RESTART_DELAY_SECONDS), stopped)
+        _, failure = await asyncio.gather(asyncio.sleep(RESTART_DELAY_SECONDS), stopped, return_exceptions=True)
+        if isinstance(failure, Exception):  # the new engine starts anyway: the old one is gone or beyond reach
+            logger.error("stopping the lost engine process failed: %s: %s", type(failure).__name__, failure)
         if self._is_stopping:
             return
         try:

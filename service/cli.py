@@ -130,14 +130,27 @@ def _add_session_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-final-answer", action="store_true", help="do not force a final answer at the end")
 
 
+def settings_problems(error: ValidationError) -> str:
+    """One line per invalid setting, naming its variable and flag; never the value given (it may be the key)."""
+    lines = []
+    for problem in error.errors():
+        name = ".".join(str(part) for part in problem["loc"])
+        flag = "--" + name.replace("_", "-")
+        lines.append(f"  {ENV_PREFIX}{name.upper()} / {flag}: {problem['msg']}")
+    return "\n".join(lines)
+
+
 def serve_command(args: argparse.Namespace) -> int:
     """Runs uvicorn until interrupted; prints the URL once the model is loaded. Exit 1 if it cannot load."""
     overrides = {name: getattr(args, name) for name in Settings.model_fields if getattr(args, name) is not None}
     try:
         settings = Settings(**overrides)
         settings.engine_config()
-    except (ValidationError, HogwildError) as error:
-        print(f"hogwild serve: invalid settings:\n{error}", file=sys.stderr)
+    except ValidationError as error:
+        print(f"hogwild serve: invalid settings:\n{settings_problems(error)}", file=sys.stderr)
+        return EXIT_USAGE
+    except HogwildError as error:
+        print(f"hogwild serve: invalid settings: {error.message}", file=sys.stderr)
         return EXIT_USAGE
     from service.app import create_app
 

@@ -11,7 +11,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.errors import REQUEST_TOO_LARGE, APIError
 
 MAX_BODY_BYTES = 16 * 1024 * 1024  # a prompt filling a 128k-token context is about 1 MB of text
-TOO_LARGE_MESSAGE = f"request body is larger than {MAX_BODY_BYTES // (1024 * 1024)} MB"
+TOO_LARGE_MESSAGE = f"request body is larger than {MAX_BODY_BYTES // (1024 * 1024)} MiB"
 
 
 class BodyLimitMiddleware:

@@ -26,6 +26,7 @@ ERROR_RESPONSES: dict[int | str, dict] = {
         400: "invalid input (never 422)",
         401: "missing or wrong API key (only when HOGWILD_API_KEY is set)",
         404: "the requested model is not served",
+        413: "request body over 16 MiB",
         500: "the engine failed while generating",
         503: "queue full or engine not ready (with Retry-After)",
     }.items()

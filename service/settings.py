@@ -7,6 +7,7 @@ count as unset.
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Mapping
 from typing import Annotated, Literal
 
@@ -25,6 +26,7 @@ from engine.config import (
 LOG_FORMAT = "%(levelname)s:     %(name)s: %(message)s"  # uvicorn's look, in both processes
 
 ENV_PREFIX = "HOGWILD_"
+API_KEY_CHARACTERS = re.compile(r"[\x21-\x7e]+")  # what an Authorization header's bearer token can hold
 # Variables of this prefix read elsewhere: the default model's cache folder, the client's server URL and key.
 OTHER_VARIABLES = {"HOGWILD_CACHE_DIR", "HOGWILD_URL"}
 
@@ -84,12 +86,16 @@ class Settings(BaseSettings):
 
     @field_validator("api_key", mode="before")
     @classmethod
-    def _blank_key_is_no_key(cls, value: object) -> object:
-        """An empty key (`--api-key ""`, as an empty HOGWILD_API_KEY already is) means no key, not a lock that an
-        empty bearer token opens."""
-        if isinstance(value, str) and not value.strip():
-            return None
-        return value
+    def _key_a_header_can_carry(cls, value: object) -> object:
+        """The key as clients send it in their Authorization header: trimmed (a key read from a file often ends
+        in a newline), printable ASCII. An empty key (`--api-key ""`, as an empty HOGWILD_API_KEY already is)
+        means no key, not a lock that an empty bearer token opens."""
+        if not isinstance(value, str):
+            return value
+        key = value.strip()
+        if key and not API_KEY_CHARACTERS.fullmatch(key):
+            raise ValueError("may only hold printable ASCII characters without spaces: clients send it as a header")
+        return key or None
 
     @field_validator("cors_origins", mode="before")
     @classmethod

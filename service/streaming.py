@@ -110,12 +110,13 @@ async def stream_session(
 class SessionStream(EventSourceResponse):
     """The SSE response of one session. A client that takes no data for `send_timeout` seconds (it stopped reading
     but stays connected) ends the stream: the body's generator is closed, which cancels the session, and the
-    server logs one line instead of a traceback; the connection is then closed unfinished."""
+    server logs a warning instead of a traceback; the connection is then closed unfinished (which uvicorn logs
+    too, as a response it was not given whole)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
-        except SendTimeoutError:
+        except* SendTimeoutError:  # bare, or in a task group's ExceptionGroup (sse-starlette before 3)
             logging.getLogger("hogwild.stream").warning(
                 "a client took no stream data for %g s: its stream ends and its session is cancelled",
                 self.send_timeout,

@@ -113,3 +113,19 @@ def test_a_view_past_the_cache_is_refused_before_any_kernel_reads_it() -> None:
     inv_freq = torch.ones(HEAD_DIM // 2)
     with pytest.raises(ValueError, match="reaches past"):
         build_forward([(cache, [Run(1, 0, (1,), ((0, cache.lengths[0]),))])], inv_freq, torch.float32)
+
+
+@pytest.mark.parametrize("limit", [0, 300, 4100])
+def test_a_cache_grows_by_half_again_and_stops_at_its_limit(limit: int) -> None:
+    """Growth is amortised (a handful of copies from 256 to 4096 tokens), stops at the limit while the limit holds
+    what is needed, and stays amortised past a limit that proved too small."""
+    cache = SessionCache(1, 1, 4, 1, torch.float32, torch.device("cpu"), common_limit=limit)
+    capacities = [cache.common_k.shape[2]]
+    for length in range(1, 4097):
+        cache.reserve(0, length)
+        if cache.common_k.shape[2] != capacities[-1]:
+            capacities.append(cache.common_k.shape[2])
+    assert len(capacities) <= 9, capacities
+    assert all(c % 256 == 0 for c in capacities) and capacities[-1] >= 4096
+    if limit >= 4096:
+        assert capacities[-1] == 4352, "the last growth (to 4608) stops at the limit, rounded up to a chunk"

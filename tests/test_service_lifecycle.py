@@ -154,4 +154,3 @@ def test_stopping_the_server_ends_sessions_with_finish_reason_abort(env: dict[st
         assert engine_pid is not None and exits_within(engine_pid, 30)
         log = server.log()
         assert "Traceback" not in log and "leaked semaphore" not in log, log[-2000:]
-
