@@ -123,7 +123,7 @@ class Session:
         """The tokens of this session's next forward. Moves finished steps into the history first."""
         if self.is_prefilling:
             return self._prefill_runs()
-        feeding = self.workers[:1] if self._finishing else self.workers  # the finisher: worker 0 alone
+        feeding = self._feeding
         for worker in feeding:  # a worker that no longer writes opens no step it would leave empty
             if worker.step_done and not worker.closing:
                 self._start_next_step(worker)
@@ -211,16 +211,14 @@ class Session:
 
     def _commit_token(self, worker: Worker, token_id: int) -> None:
         worker.generated += 1
-        worker.pending.extend([token_id], True)
         self._count_generated()
-        if token_id in self._eos_ids:
+        if token_id in self._eos_ids:  # never fed: the session ends, or the finisher's text follows the step's
             if self.request.final_answer and self.answer is None:  # a worker ended its turn without an answer
-                worker.pending.ids.pop()  # the finisher's text follows the step's text, not an end of turn
-                worker.pending.sampled.pop()
                 self._start_finisher("stop")
             else:
                 self._finish(("stop",) * len(self.workers))
             return
+        worker.pending.extend([token_id], True)
         text, ids = worker.decoder.feed(token_id)
         if not text:
             return
@@ -304,8 +302,12 @@ class Session:
     def longest_view(self) -> int:
         """Tokens the longest worker view will hold after the next forward."""
         fixed = len(self.common) + sum(map(len, self.labels)) + sum(len(w.block) for w in self.workers)
-        feeding = self.workers[:1] if self._finishing else self.workers
-        return fixed + sum(len(w.pending) for w in feeding)  # every view holds every block, so all that is fed
+        return fixed + sum(len(w.pending) for w in self._feeding)  # every view holds every block: all that is fed
+
+    @property
+    def _feeding(self) -> list[Worker]:
+        """The workers the next forward feeds: all of them, or worker 0 alone while the finisher runs."""
+        return self.workers[:1] if self._finishing else self.workers
 
     def prompt_restored(self, tokens: int) -> None:
         """The cache already holds the prompt's first `tokens` (copied by the prefix cache): prefill starts after

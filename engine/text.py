@@ -31,19 +31,22 @@ def is_step_end(step_text: str, token_text: str) -> bool:
     after the newline that ended the step text, as tokenizers that split newlines produce), the text before
     that blank line ends a sentence, and no code fence or $$ block is open. No token count is involved.
     """
-    text = step_text + token_text
-    cut = text.find(STEP_SEPARATOR, max(0, len(step_text) - 1))
+    cut = _blank_line_at(step_text, token_text)
     if cut < 0:
         return False
-    before = text[:cut]
+    before = (step_text + token_text)[:cut]
     return ends_sentence(before) and not has_open_block(before)
 
 
 def ends_inside_token(step_text: str, token_text: str) -> bool:
     """For a token that ends the step (is_step_end): whether it also carries the step's last text, as tokenizers
     that merge punctuation with the blank line produce ('.\n\n'), rather than only the blank line."""
-    cut = (step_text + token_text).find(STEP_SEPARATOR, max(0, len(step_text) - 1))
-    return bool(token_text[: max(0, cut - len(step_text))].strip())
+    return bool(token_text[: max(0, _blank_line_at(step_text, token_text) - len(step_text))].strip())
+
+
+def _blank_line_at(step_text: str, token_text: str) -> int:
+    """Where in step_text + token_text the token completes a blank line (-1: it completes none)."""
+    return (step_text + token_text).find(STEP_SEPARATOR, max(0, len(step_text) - 1))
 
 
 def extract_boxed(text: str) -> str | None:

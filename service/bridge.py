@@ -123,12 +123,11 @@ class EngineProcess:
         # Shutdown, so the thread can flush and is waited for; after a kill it could block on a full pipe, so not.
         commands, self._commands = self._commands, None
         if commands is not None:
-            drained = self.process.exitcode == 0
-            if not drained:
-                commands.cancel_join_thread()
             commands.close()
-            if drained:
+            if self.process.exitcode == 0:
                 commands.join_thread()
+            else:
+                commands.cancel_join_thread()
         self._replies.close()
 
     def _read(self, on_reply: Callable[[Reply], None], on_exit: Callable[[], None]) -> None:

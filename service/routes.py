@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from service.bridge import EngineBridge, EngineState
 from service.collect import CompletionCollector
 from service.errors import APIError, unavailable
+from service.limits import TOO_LARGE_MESSAGE
 from service.metrics import CONTENT_TYPE, Metrics
 from service.schemas import CompletionRequest, CompletionResponse, ErrorResponse, ModelCard, ModelList
 from service.session import SessionHandle
@@ -26,7 +27,7 @@ ERROR_RESPONSES: dict[int | str, dict] = {
         400: "invalid input (never 422)",
         401: "missing or wrong API key (only when HOGWILD_API_KEY is set)",
         404: "the requested model is not served",
-        413: "request body over 16 MiB",
+        413: TOO_LARGE_MESSAGE,
         500: "the engine failed while generating",
         503: "queue full or engine not ready (with Retry-After)",
     }.items()

@@ -7,13 +7,13 @@ count as unset.
 from __future__ import annotations
 
 import difflib
-import re
 from collections.abc import Mapping
 from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from clients.client import API_KEY_CHARACTERS
 from engine.config import (
     DEFAULT_MAX_SESSIONS,
     DEFAULT_MODEL,
@@ -26,7 +26,6 @@ from engine.config import (
 LOG_FORMAT = "%(levelname)s:     %(name)s: %(message)s"  # uvicorn's look, in both processes
 
 ENV_PREFIX = "HOGWILD_"
-API_KEY_CHARACTERS = re.compile(r"[\x21-\x7e]+")  # what an Authorization header's bearer token can hold
 # Variables of this prefix read elsewhere: the default model's cache folder, the client's server URL and key.
 OTHER_VARIABLES = {"HOGWILD_CACHE_DIR", "HOGWILD_URL"}
 
