@@ -363,8 +363,10 @@ def test_cli_client_prints_server_errors_without_traceback(
     assert err.startswith("error: ") and message in err and "Traceback" not in err
 
 
-def test_cli_client_reports_an_unreachable_server() -> None:
+def test_cli_client_reports_an_unreachable_server(capsys: pytest.CaptureFixture[str]) -> None:
     assert run_client(cli_args("http://127.0.0.1:9")) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot talk to http://127.0.0.1:9") and "Traceback" not in err
 
 
 def cli_args(url: str, *extra: str) -> argparse.Namespace:

@@ -214,6 +214,10 @@ def test_a_failed_forward_does_not_hold_back_a_session_that_ended_before_it(
         ({"num_workers": 1, "worker_names": ("A\u2028B",)}, "worker_names"),  # line separator
         ({"num_workers": 1, "worker_names": ("A\u200bB",)}, "worker_names"),  # zero-width space
         ({"num_workers": 1, "worker_names": (" Ann",)}, "worker_names"),
+        ({"num_workers": 1, "worker_names": ("A" * 33,)}, "worker_names"),  # 32 characters at most
+        ({"num_workers": 1, "worker_names": ("**Bob",)}, "worker_names"),  # would break the "**Name [n]:**" header
+        ({"num_workers": 1, "worker_names": ("Bob [2]",)}, "worker_names"),
+        ({"num_workers": 1, "worker_names": ("Bob]",)}, "worker_names"),
         ({"num_workers": 1, "worker_names": ("A\ud800",)}, "worker_names"),  # unpaired surrogate
         ({"prompt": "Hi \ud800"}, "prompt"),
     ],
@@ -224,6 +228,11 @@ def test_bad_input_is_refused_before_any_work(tiny_engine: Engine, fields: dict,
         tiny_engine.add_session("bad", request)
     assert error.value.param == param
     assert tiny_engine.num_running == 0
+
+
+def test_names_at_the_edge_of_the_rules_are_accepted() -> None:
+    names = ("A" * 32, "Mary Ann", "Zoë", "R2-D2 (b)")  # 32 characters, inner spaces, any script, parentheses
+    SessionRequest(prompt=TASK, num_workers=4, worker_names=names).validate()
 
 
 def test_each_worker_name_is_checked_before_their_distinctness() -> None:

@@ -355,6 +355,8 @@ def test_closing_a_stream_cancels_the_session_in_the_engine(server: str, client:
 
 
 def test_dropping_a_non_stream_request_cancels_the_session(server: str, client: httpx.Client) -> None:
+    cancelled = 'hogwild_requests_total{outcome="cancelled"}'
+    before = metric_values(client.get("/metrics").text).get(cancelled, 0)
     body = json.dumps(LONG_SESSION).encode()
     head = (
         "POST /v1/hogwild/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
@@ -365,6 +367,9 @@ def test_dropping_a_non_stream_request_cancels_the_session(server: str, client: 
         connection.sendall(head.encode() + body)
         wait_for_sessions(server, running=1)
     wait_for_sessions(server, running=0, timeout=5.0)
+    values = metric_values(client.get("/metrics").text)
+    assert values[cancelled] == before + 1  # counted as cancelled (499), not as a completion nobody read
+    assert values["hogwild_kv_cache_bytes"] == 0
 
 
 def test_health_reports_ready_engine(server: str) -> None:

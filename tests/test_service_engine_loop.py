@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable
 
 import pytest
@@ -17,7 +18,7 @@ from engine.config import EngineConfig, SessionRequest
 from engine.engine import CheckedRequest
 from engine.errors import CapacityError, InvalidRequestError
 from engine.events import DoneEvent, ErrorEvent, Event, TokenEvent, Usage
-from service.engine_process import STEP_FAILED_MESSAGE, EngineLoop
+from service.engine_process import ADMIT_FAILED_MESSAGE, STEP_FAILED_MESSAGE, EngineLoop
 from service.messages import Accepted, Cancel, Occupancy, Rejected, Shutdown, StepEvents, Submit
 
 SESSION_BYTES = 1000  # the scripted engine's cache per running session
@@ -26,7 +27,8 @@ OPENING_TOKENS = 3  # the scripted engine's labels and first-step openings per s
 
 class ScriptedEngine:
     """Each session samples one token per step for its one worker, `max_tokens` steps long. Prompt "bad" fails
-    the check, prompt "huge" never fits; `fail_steps` makes that many next steps raise."""
+    the check, "huge" never fits, "wide" fits only while no other session runs; "check-fault" and "admit-fault"
+    raise unexpected errors there; `fail_steps` makes that many next steps raise."""
 
     prefix_cache_bytes = 0
 
@@ -45,6 +47,8 @@ class ScriptedEngine:
     def checked(self, request: SessionRequest) -> CheckedRequest:
         if request.prompt == "bad":
             raise InvalidRequestError("bad prompt", "prompt")
+        if request.prompt == "check-fault":
+            raise KeyError("tokenizer state")
         prompt_ids = tuple(range(len(request.prompt)))
         return CheckedRequest(
             request, prompt_ids, len(prompt_ids), len(prompt_ids) + OPENING_TOKENS, 1, len(prompt_ids) + 1
@@ -52,8 +56,10 @@ class ScriptedEngine:
 
     def add_session(self, session_id: str, checked: CheckedRequest) -> None:
         request = checked.request
-        if request.prompt == "huge":
+        if request.prompt == "huge" or (request.prompt == "wide" and self.sessions):
             raise CapacityError("does not fit")
+        if request.prompt == "admit-fault":
+            raise RuntimeError("allocator fault")
         self.sessions[session_id] = [0, request.max_tokens]
 
     def cancel(self, session_id: str) -> bool:
@@ -106,10 +112,14 @@ class Harness:
         for command in commands:
             self.inbox.put(command)
 
-    def until(self, is_done: Callable[[list], bool]) -> list:
-        """All replies so far, once `is_done(replies)` holds."""
+    def until(self, is_done: Callable[[list], bool], timeout: float = 10.0) -> list:
+        """All replies so far, once `is_done(replies)` holds; fails after `timeout` seconds without it."""
+        deadline = time.monotonic() + timeout
         while not is_done(self.replies):
-            self.replies.append(self.outbox.get(timeout=10))
+            left = deadline - time.monotonic()
+            if left <= 0:
+                pytest.fail(f"the loop's replies did not reach the expected state in {timeout} s")
+            self.replies.append(self.outbox.get(timeout=left))
         return self.replies
 
 
@@ -200,6 +210,33 @@ def test_a_request_that_can_never_fit_fails_instead_of_waiting_forever() -> None
         replies = harness.until(ended("a"))
     assert replies[0] == Accepted("a", 4 + OPENING_TOKENS)  # usage's prompt tokens: chat prompt and openings
     assert events_of(replies) == [("a", ErrorEvent("does not fit", "capacity_exceeded"))]
+
+
+def test_a_request_that_fits_only_later_waits_for_the_running_sessions_to_free_their_cache() -> None:
+    with Harness(ScriptedEngine(), max_sessions=4) as harness:
+        harness.send(Submit("a", request(max_tokens=10**9)))
+        harness.until(lambda replies: Occupancy(1, 0, SESSION_BYTES) in replies)
+        harness.send(Submit("wide", request("wide", max_tokens=2)), Submit("b", request(max_tokens=2)))
+        harness.until(lambda replies: Occupancy(1, 2, SESSION_BYTES) in replies)  # both wait behind "wide"
+        harness.send(Cancel("a"))
+        replies = harness.until(lambda replies: ended("wide")(replies) and ended("b")(replies))
+    events = events_of(replies)
+    assert not any(isinstance(event, ErrorEvent) for _, event in events)
+    wide = [event for rid, event in events if rid == "wide"]
+    assert len(wide) == 3 and isinstance(wide[-1], DoneEvent)  # 2 tokens, then done
+    order = [rid for rid, _ in events if rid != "a"]
+    assert order[0] == "wide"  # admission stays in order: "b" does not overtake the waiting "wide"
+
+
+def test_unexpected_faults_in_checking_or_admitting_fail_only_that_request() -> None:
+    with Harness(ScriptedEngine()) as harness:
+        harness.send(Submit("a", request("check-fault")), Submit("b", request("admit-fault")))
+        replies = harness.until(ended("b"))
+        assert replies[0] == Rejected("a", "engine_error", "the engine could not check the request", None)
+        assert events_of(replies) == [("b", ErrorEvent(ADMIT_FAILED_MESSAGE, "engine_error"))]
+        harness.send(Submit("c", request()))
+        replies = harness.until(ended("c"))
+    assert isinstance(events_of(replies)[-1][1], DoneEvent)
 
 
 class WarmUpFails:

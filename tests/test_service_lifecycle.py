@@ -77,6 +77,25 @@ def test_the_engine_process_ignores_a_stop_signal_meant_for_the_server(
         assert server.engine_pid() == engine_pid
 
 
+@pytest.mark.parametrize("busy", [False, True], ids=["idle", "decoding"])
+def test_an_engine_whose_server_was_killed_exits_instead_of_holding_the_model(env: dict[str, str], busy: bool) -> None:
+    """A server killed outright (SIGKILL, the out-of-memory killer) cannot stop its engine: the engine notices that
+    the server is gone, while idle or in the middle of a session, and exits, freeing the model's memory."""
+    server = LiveServer(env, [])
+    with server as url:
+        engine_pid = server.engine_pid()
+        assert engine_pid is not None and server.process is not None
+        with httpx.Client(timeout=10.0) as client:
+            if busy:
+                stream = client.stream("POST", f"{url}/v1/hogwild/completions", json={**LONG_SESSION, "stream": True})
+                data = sse_data(stream.__enter__())  # kept: a closed generator would close the stream
+                assert "hogwild" in json.loads(next(data))
+                wait_for_sessions(url, running=1)
+            server.process.kill()
+            server.process.wait(5)
+            assert exits_within(engine_pid, 10)
+
+
 def test_engine_crash_fails_inflight_requests_then_the_server_recovers(env: dict[str, str]) -> None:
     server = LiveServer(env, [])
     with server as url, ThreadPoolExecutor(1) as pool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
-from engine.config import SessionRequest
+from engine.config import EngineConfig, SessionRequest
 from engine.events import (
     AnswerEvent,
     DoneEvent,
@@ -30,6 +31,7 @@ from service.cli import build_parser, main
 from service.collect import CompletionCollector
 from service.errors import APIError
 from service.limits import MAX_BODY_BYTES
+from service.messages import Cancel, Submit
 from service.metrics import Histogram, Metrics
 from service.schemas import CompletionRequest
 from service.session import SessionHandle
@@ -75,9 +77,13 @@ def test_settings_read_hogwild_env_and_explicit_values_win(clean_env: pytest.Mon
 
 def test_engine_config_carries_every_engine_setting(clean_env: pytest.MonkeyPatch) -> None:
     clean_env.setenv("HOGWILD_CUDA_GRAPHS", "true")
-    config = Settings(max_sessions=3, cache_budget_tokens=5000, prefix_cache_tokens=0, dtype="float16").engine_config()
-    assert (config.max_sessions, config.cache_budget_tokens, config.prefix_cache_tokens) == (3, 5000, 0)
-    assert config.dtype == "float16" and config.cuda_graphs is True
+    values = {  # every EngineConfig field, each away from its default
+        "model": "/models/x", "device": "cpu", "dtype": "float16", "max_workers": 3, "max_tokens": 77,
+        "max_sessions": 3, "cache_budget_tokens": 5000, "prefix_cache_tokens": 0,
+    }
+    config = Settings(**values).engine_config()
+    assert dataclasses.asdict(config) == {**values, "cuda_graphs": True}
+    assert all(getattr(EngineConfig(), name) != value for name, value in values.items())
     clean_env.delenv("HOGWILD_CUDA_GRAPHS")
     assert Settings().engine_config().cuda_graphs is False
 
@@ -380,6 +386,59 @@ def test_an_engine_that_cannot_be_restarted_is_given_up(monkeypatch: pytest.Monk
     assert fatal and "could not start" in fatal[0] and "Too many open files" in fatal[0]
 
 
+def test_a_client_that_leaves_before_its_request_is_accepted_cancels_it_in_the_engine() -> None:
+    bridge = EngineBridge(Settings(), Metrics())
+    bridge.state, bridge._process = EngineState.READY, SentCommands()  # type: ignore[assignment]
+
+    async def leave_while_waiting() -> None:
+        opening = asyncio.ensure_future(bridge.open_session(SessionRequest(prompt="Hi")))
+        while not bridge._process.sent:  # type: ignore[union-attr]
+            await asyncio.sleep(0)
+        opening.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await opening
+
+    asyncio.run(asyncio.wait_for(leave_while_waiting(), 5))
+    submit, cancel = bridge._process.sent  # type: ignore[union-attr]
+    assert isinstance(submit, Submit) and cancel == Cancel(submit.request_id)
+    assert bridge._sessions == {}, "nothing is left to route the engine's late reply to"
+
+
+def test_an_engine_that_keeps_exiting_while_loading_is_given_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model that crashes its engine process on every load (a native fault, out of memory) is not restarted
+    forever: after MAX_FAILED_STARTS exits before ready the server reports a fatal error."""
+    fatal: list[str] = []
+    bridge = EngineBridge(Settings(), Metrics(), on_fatal=fatal.append)
+    spawned: list[object] = []
+
+    class CrashedWhileLoading:
+        pid = 1
+        process = SimpleNamespace(exitcode=-11)
+
+        def stop(self, grace_seconds: float = 10.0) -> None:
+            pass
+
+    async def spawn() -> None:
+        bridge._process, bridge.state = CrashedWhileLoading(), EngineState.LOADING  # type: ignore[assignment]
+        spawned.append(bridge._process)
+
+    async def crash_on_every_load() -> None:
+        await spawn()
+        for _ in range(10):  # bounded: a server that never gives up fails the test instead of hanging it
+            if bridge.state is not EngineState.LOADING:
+                break
+            bridge._on_exit(bridge._process)  # type: ignore[arg-type]
+            while bridge._tasks:
+                await asyncio.wait_for(asyncio.gather(*bridge._tasks), 5)
+
+    monkeypatch.setattr(bridge, "_spawn", spawn)
+    monkeypatch.setattr(bridge_module, "RESTART_DELAY_SECONDS", 0.0)
+    asyncio.run(crash_on_every_load())
+    assert bridge.state is EngineState.FAILED and len(spawned) == bridge_module.MAX_FAILED_STARTS
+    assert fatal == [f"the engine process exited {bridge_module.MAX_FAILED_STARTS} times while loading the model"]
+    assert bridge.metrics.engine_restarts == bridge_module.MAX_FAILED_STARTS - 1
+
+
 def test_a_new_engine_starts_only_after_the_old_one_is_gone(monkeypatch: pytest.MonkeyPatch) -> None:
     """An engine whose replies can no longer be read may still be alive: it is killed (not asked, it may be stuck
     on a full pipe), and the new one spawns only once it exited, so two engines never hold the model at once."""
@@ -420,6 +479,25 @@ def test_left_out_fields_take_values_the_server_accepts() -> None:
     assert CompletionRequest(prompt="Hi").session_request(max_tokens_limit=40).max_tokens == 40
     assert CompletionRequest(prompt="Hi").session_request(max_tokens_limit=4000).max_tokens == 256
     assert CompletionRequest(prompt="Hi", max_tokens=100).session_request(max_tokens_limit=40).max_tokens == 100
+
+
+def test_an_unexpected_error_in_a_route_is_a_500_in_the_api_error_shape(
+    clean_env: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = create_app(Settings())
+
+    async def broken() -> None:
+        raise KeyError("a bug")
+
+    app.add_api_route("/v1/broken", broken)
+    client = TestClient(app, raise_server_exceptions=False)
+    response = client.get("/v1/broken")
+    assert response.status_code == 500
+    assert response.json() == {
+        "error": {"message": "internal server error", "type": "server_error", "param": None, "code": "internal_error"}
+    }
+    assert "a bug" not in response.text and "Traceback" not in response.text  # the details go to the log only
+    assert any("unhandled error on GET /v1/broken" in r.getMessage() and r.exc_info for r in caplog.records)
 
 
 def test_a_body_past_the_size_limit_is_refused_with_413(clean_env: pytest.MonkeyPatch) -> None:

@@ -124,8 +124,8 @@ def test_end_of_sequence_without_an_answer_lets_worker_0_conclude(tokenizer, end
     session = make_session(tokenizer, num_workers=2, max_tokens=50)
     row = [" c", " d"]
     row[ender] = tokenizer.eos_token
-    events = drive(session, tokenizer, [[" a", " b"], row])
-    inserted = [e for e in events if isinstance(e, InsertedEvent) and e.reason == "finisher"]
+    first = drive(session, tokenizer, [[" a", " b"], row])
+    inserted = [e for e in first if isinstance(e, InsertedEvent) and e.reason == "finisher"]
     assert [e.worker for e in inserted] == [0] and session.is_finishing and not session.done
     runs = session.runs()
     assert len(runs) == 1 and runs[0].block == FIRST_STEP_BLOCK, "worker 0 alone feeds"
@@ -133,10 +133,31 @@ def test_end_of_sequence_without_an_answer_lets_worker_0_conclude(tokenizer, end
     assert runs[0].token_ids[-len(inserted[0].token_ids) :] == inserted[0].token_ids
     build_forward([(session.cache, runs)], INV_FREQ, torch.float32)
     session.commit([token(tokenizer, "7")])
-    events = drive(session, tokenizer, [["}"]])
+    events = first + session.take_events() + drive(session, tokenizer, [["}"]])
     done = events[-1]
     assert isinstance(done, DoneEvent) and done.answer == "7" and done.finish_reasons == ("stop", "stop")
-    assert done.usage.completion_tokens_per_worker[ender] == 2 + (2 if ender == 0 else 0), "the end of turn counts"
+    # Worker 0 wrote 2 tokens, then 2 of the finisher; an end of turn counts. Worker 1's sample in the round that
+    # ended worker 0's turn is dropped (never counted, never shown); in the other order it came first and counts.
+    assert done.usage.completion_tokens_per_worker == ((4, 1) if ender == 0 else (4, 2))
+    after_finisher = events[events.index(inserted[0]) :]
+    assert not [e for e in after_finisher if isinstance(e, TokenEvent) and e.worker == 1]
+
+
+def test_the_finisher_continues_a_step_that_ended_in_the_last_round(tokenizer) -> None:
+    """The budget runs out in the round whose token ended worker 0's step: the finisher's text follows that step
+    as it is, with no header of a next step in the way of the answer."""
+    session = make_session(tokenizer, num_workers=1, max_tokens=4)
+    events = drive(session, tokenizer, [[" work"], ["."], ["\n"], ["\n"]])
+    assert [e.step for e in events if isinstance(e, StepEndEvent)] == [1]
+    (finisher,) = [e for e in events if isinstance(e, InsertedEvent) and e.reason == "finisher"]
+    assert not [e for e in events if isinstance(e, InsertedEvent) and e.reason == "header" and e.step > 1]
+    (run,) = session.runs()
+    fed = tokenizer.decode(run.token_ids)
+    assert fed.endswith(finisher.text) and "[2]" not in fed
+    build_forward([(session.cache, [run])], INV_FREQ, torch.float32)
+    session.commit([token(tokenizer, "7")])
+    done = drive(session, tokenizer, [["}"]])[-1]
+    assert isinstance(done, DoneEvent) and done.answer == "7" and done.finish_reasons == ("length",)
 
 
 def test_budget_without_finisher_ends_with_length(tokenizer) -> None:

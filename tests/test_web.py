@@ -7,8 +7,9 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
-from live_server import LiveServer, wait_for_sessions
+from live_server import LiveServer, metric_values, wait_for_sessions
 from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
 
 pytestmark = pytest.mark.browser
@@ -134,10 +135,14 @@ def test_stop_ends_the_stream_and_the_server_cancels_the_session(server: str, pa
     page.click("#start")
     expect(page.locator("#lanes .lane .sample").first).not_to_be_empty(timeout=60_000)
     wait_for_sessions(server, running=1)
+    cancelled = 'hogwild_requests_total{outcome="cancelled"}'
+    before = metric_values(httpx.get(f"{server}/metrics").text).get(cancelled, 0)
     page.click("#stop")
     assert page.evaluate("document.body.dataset.state") == "stopped"
     expect(page.locator("#lanes .lane[data-finish='abort']")).to_have_count(2)
-    assert wait_for_sessions(server, running=0, timeout=10.0) < 10.0
+    wait_for_sessions(server, running=0, timeout=10.0)
+    values = metric_values(httpx.get(f"{server}/metrics").text)
+    assert values[cancelled] == before + 1 and values["hogwild_kv_cache_bytes"] == 0
     tokens = page.inner_text("#stat-tokens")
     page.wait_for_timeout(500)
     assert page.inner_text("#stat-tokens") == tokens, "nothing arrives after Stop"
