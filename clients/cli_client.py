@@ -29,7 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=os.environ.get("HOGWILD_URL", DEFAULT_URL),
         help=f"server base URL (env HOGWILD_URL; default {DEFAULT_URL})",
     )
-    parser.add_argument("--workers", type=int, default=None, help="number of workers (default: 2)")
+    parser.add_argument(
+        "--workers", type=int, default=None, help="number of workers (default: one per --names, else 2)"
+    )
     parser.add_argument("--names", default=None, help="comma-separated worker names, one per worker")
     parser.add_argument("--max-tokens", type=int, default=None, help="token budget per worker")
     parser.add_argument("--temperature", type=float, default=None, help="0 is greedy")

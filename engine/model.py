@@ -103,8 +103,12 @@ def load_model(config: EngineConfig, progress: Progress | None = None) -> Loaded
     context = check_architecture(model_config)
     register_attention()
     say(f"loading {config.model} on {device} as {str(dtype).removeprefix('torch.')}")
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=ATTENTION_NAME)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=ATTENTION_NAME)
+    except Exception as exc:  # missing or unreadable files, a truncated weights file, too little memory
+        reason = str(exc) if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
+        raise ModelNotFoundError(f"{LOAD_FAILED_PREFIX} '{config.model}': {reason}") from exc
     model.to(device).eval()
     rotary = model.model.rotary_emb
     say("model loaded")

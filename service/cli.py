@@ -236,7 +236,7 @@ def session_request_from_args(args: argparse.Namespace) -> SessionRequest:
     names = tuple(name.strip() for name in args.names.split(",")) if args.names else None
     return SessionRequest(
         prompt=args.task,
-        num_workers=args.workers or (len(names) if names else 2),
+        num_workers=args.workers if args.workers is not None else len(names) if names else 2,
         worker_names=names,
         max_tokens=args.max_tokens,
         sampling=SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed),

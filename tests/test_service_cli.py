@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -50,6 +51,20 @@ def test_run_reports_a_missing_model_without_a_traceback(tmp_path: Path) -> None
     result = hogwild("run", "Say hi", "--model", str(tmp_path / "missing"), "--device", "cpu")
     assert result.returncode == 2
     assert str(tmp_path / "missing") in result.stderr and "Traceback" not in result.stderr
+
+
+def test_run_reports_a_truncated_weights_file_without_a_traceback(tiny_model_dir: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"\x00" * 4)  # a download or copy cut short
+    result = hogwild("run", "Say hi", "--model", str(broken), "--device", "cpu")
+    assert result.returncode == 2
+    assert f"cannot load model '{broken}'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_run_refuses_zero_workers_instead_of_taking_the_default() -> None:
+    result = hogwild("run", "Say hi", "--workers", "0")
+    assert result.returncode == 2 and "workers must be between 1 and 8" in result.stderr
 
 
 def test_run_reports_an_unknown_device_without_a_traceback(tiny_model_dir: Path) -> None:
