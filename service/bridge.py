@@ -53,6 +53,7 @@ POLL_SECONDS = 0.25  # how often the reader checks that the engine process is al
 RESTART_DELAY_SECONDS = 1.0
 MAX_FAILED_STARTS = 3  # consecutive engine processes that died before becoming ready; then give up
 STOP_TIMEOUT_SECONDS = 10.0
+EXIT_STATUS_WAIT_SECONDS = 1.0  # how long a process whose pipe closed gets to exit, so its exit status can be read
 ENGINE_LOST_MESSAGE = "the engine process stopped unexpectedly; it is restarting, retry shortly"
 
 
@@ -142,7 +143,8 @@ class EngineProcess:
                         on_reply(reply)
                 elif not self.process.is_alive():
                     break
-            except (EOFError, OSError):
+            except (EOFError, OSError):  # the pipe closed: the process is exiting; its status tells how it ended
+                self.process.join(EXIT_STATUS_WAIT_SECONDS)
                 break
             except Exception:  # a garbled reply means the engine cannot be trusted any more
                 logger.exception("reading from the engine process failed; restarting it")
@@ -202,7 +204,10 @@ class EngineBridge:
         for task in list(self._tasks):
             task.cancel()
         if self._process is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self._process.stop)
+            # A loading engine reads no commands and has no session to end: asking it to exit would only wait out
+            # the grace period, so it is killed at once.
+            grace = STOP_TIMEOUT_SECONDS if self.state is EngineState.READY else 0.0
+            await asyncio.get_running_loop().run_in_executor(None, self._process.stop, grace)
         self._fail_sessions("the server is shutting down", "engine_unavailable")
         self.state = EngineState.STOPPED
 
@@ -352,7 +357,7 @@ class EngineBridge:
         _, failure = await asyncio.gather(asyncio.sleep(RESTART_DELAY_SECONDS), stopped, return_exceptions=True)
         if isinstance(failure, Exception):  # the new engine starts anyway: the old one is gone or beyond reach
             logger.error("stopping the lost engine process failed: %s: %s", type(failure).__name__, failure)
-        if self._is_stopping:
+        if self._is_stopping or self._is_draining:  # the server is going down: no engine to load for it
             return
         try:
             await self._spawn()

@@ -12,6 +12,7 @@ import logging
 import multiprocessing
 import queue
 import signal
+import threading
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
@@ -57,6 +58,7 @@ def run_engine_process(
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT)
+    _thread_locked_progress_bars()
     from engine.engine import Engine  # torch is imported here, in the engine process only
 
     try:
@@ -81,6 +83,16 @@ def run_engine_process(
         EngineLoop(engine, commands, replies).run()
     except (BrokenPipeError, EOFError):
         logger.info("the API process is gone; the engine stops")
+
+
+def _thread_locked_progress_bars() -> None:
+    """Progress bars (loading weights, hub downloads) guard their output with a multiprocessing lock by default: a
+    named semaphore registered with the API process's resource tracker, which an engine killed while it holds it
+    never releases (the server then warns of a leaked semaphore at exit). This process draws its bars from its
+    own threads only, so a thread lock guards them as well."""
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())
 
 
 class EngineLoop:

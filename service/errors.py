@@ -13,8 +13,9 @@ from collections.abc import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from engine.errors import HogwildError
 
@@ -29,6 +30,7 @@ STATUS_BY_CODE = {
     "engine_unavailable": 503,
 }
 REQUEST_TOO_LARGE = "request_too_large"  # the code of a 413 (service.limits)
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away"; nobody reads it
 BODY_PARSE_FAILED = "There was an error parsing the body"  # FastAPI's detail when reading the JSON body raises
 TYPE_BY_STATUS = {
     400: "invalid_request_error",
@@ -82,6 +84,15 @@ def unavailable(message: str, retry_after: int) -> APIError:
     return APIError(503, message, "engine_unavailable", headers={"Retry-After": str(retry_after)})
 
 
+def _parse_failure(cause: BaseException | None) -> str:
+    """What went wrong when the JSON parser itself raised (FastAPI keeps the parser's error as the cause)."""
+    if isinstance(cause, UnicodeDecodeError):
+        return "request body is not valid UTF-8: JSON must be sent as UTF-8 text"
+    if isinstance(cause, RecursionError):
+        return "request body is nested too deeply to parse"
+    return "request body could not be parsed as JSON"
+
+
 def validation_error(exc: RequestValidationError) -> APIError:
     """The first validation problem of a request body as a 400, naming the field in `param`."""
     errors = exc.errors()
@@ -103,6 +114,8 @@ def validation_error(exc: RequestValidationError) -> APIError:
 
 def outcome_of(error: APIError) -> str:
     """The `outcome` label of hogwild_requests_total for a request answered with `error`."""
+    if error.status == CLIENT_CLOSED_REQUEST:
+        return "cancelled"
     if error.status in (400, 405, 413):
         return "invalid_request"
     if error.status == 401:
@@ -138,11 +151,14 @@ def install_error_handlers(
         return respond(request, validation_error(exc))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
         message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
         code = None
         if exc.status_code == 400 and message == BODY_PARSE_FAILED:  # FastAPI's answer when parsing itself fails
-            message, code = "request body could not be parsed as JSON (too deeply nested?)", "invalid_json"
+            if isinstance(exc.__cause__, ClientDisconnect):  # gone before its body arrived: nobody reads an answer
+                on_error(request.url.path, APIError(CLIENT_CLOSED_REQUEST, "the client closed the request"))
+                return Response(status_code=CLIENT_CLOSED_REQUEST)
+            message, code = _parse_failure(exc.__cause__), "invalid_json"
         elif exc.status_code == 413:
             code = REQUEST_TOO_LARGE
         return respond(request, APIError(exc.status_code, message, code, headers=getattr(exc, "headers", None)))

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from service.bridge import EngineBridge, EngineState
 from service.collect import CompletionCollector
-from service.errors import APIError, unavailable
+from service.errors import CLIENT_CLOSED_REQUEST, APIError, unavailable
 from service.limits import TOO_LARGE_MESSAGE
 from service.metrics import CONTENT_TYPE, Metrics
 from service.schemas import CompletionRequest, CompletionResponse, ErrorResponse, ModelCard, ModelList
@@ -19,7 +19,6 @@ from service.settings import Settings
 from service.streaming import ChunkWriter, SessionStream, stream_session
 
 COMPLETIONS_PATH = "/v1/hogwild/completions"
-CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away"; nobody reads it
 
 ERROR_RESPONSES: dict[int | str, dict] = {
     status: {"model": ErrorResponse, "description": description}
@@ -59,6 +58,9 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     before generation (including the prompt's length against the context) answers an error status first."""
     bridge, settings = _bridge(request), _settings(request)
     session_request = body.session_request(max_tokens_limit=settings.max_tokens)
+    if "workers" not in body.model_fields_set and session_request.num_workers > settings.max_workers:
+        raise APIError(400, f"worker_names gives {session_request.num_workers} names, one per worker; at most "
+                       f"{settings.max_workers} workers are allowed", "invalid_request", "worker_names")
     session_request.validate(max_workers=settings.max_workers, max_tokens=settings.max_tokens)
     if body.stream and body.return_views:
         raise APIError(400, "return_views comes with the non-streamed answer only; set stream to false",
@@ -116,12 +118,12 @@ async def _until_disconnected(request: Request) -> None:
         pass
 
 
-@router.api_route(
+@router.get(
     "/health",
-    methods=["GET", "HEAD"],
     summary="200 when the model is loaded and the engine serves, else 503",
     responses={503: {"description": "the engine is starting, restarting or stopped (same body)"}},
 )
+@router.head("/health", include_in_schema=False)  # the same answer without a body; one operation id in the schema
 async def health(request: Request) -> JSONResponse:
     bridge = _bridge(request)
     is_ready = bridge.state is EngineState.READY
@@ -150,7 +152,8 @@ async def list_models(request: Request) -> ModelList:
     return ModelList(data=[ModelCard(id=bridge.model_name, created=request.app.state.started_at)])
 
 
-@router.api_route("/metrics", methods=["GET", "HEAD"], response_class=PlainTextResponse, summary="Prometheus metrics")
+@router.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
+@router.head("/metrics", response_class=PlainTextResponse, include_in_schema=False)
 async def metrics(request: Request) -> PlainTextResponse:
     bridge = _bridge(request)
     text = _metrics(request).render(

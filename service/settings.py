@@ -7,6 +7,7 @@ count as unset.
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Mapping
 from typing import Annotated, Literal
 
@@ -28,6 +29,7 @@ LOG_FORMAT = "%(levelname)s:     %(name)s: %(message)s"  # uvicorn's look, in bo
 ENV_PREFIX = "HOGWILD_"
 # Variables of this prefix read elsewhere: the default model's cache folder, the client's server URL and key.
 OTHER_VARIABLES = {"HOGWILD_CACHE_DIR", "HOGWILD_URL"}
+ORIGIN = re.compile(r"https?://[^\s/?#]+")  # what a browser's Origin header holds
 
 
 class Settings(BaseSettings):
@@ -69,7 +71,8 @@ class Settings(BaseSettings):
         "(not yet measured on a GPU, so off by default)",
     )
     cors_origins: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="comma-separated origins allowed by CORS (empty: CORS off)"
+        default_factory=list,
+        description="comma-separated origins allowed by CORS, each scheme://host[:port], or * (empty: CORS off)",
     )
     keepalive_seconds: float = Field(
         10.0, gt=0, allow_inf_nan=False, description="interval of ': ping' comments on an idle stream"
@@ -103,6 +106,14 @@ class Settings(BaseSettings):
             return [origin.strip() for origin in value.split(",") if origin.strip()]
         return value
 
+    @field_validator("cors_origins")
+    @classmethod
+    def _check_origins(cls, origins: list[str]) -> list[str]:
+        for origin in origins:  # a browser sends exactly this shape; anything else would never match
+            if origin != "*" and not ORIGIN.fullmatch(origin):
+                raise ValueError(f"{origin!r} is not an origin: give scheme://host[:port] (no path), or *")
+        return origins
+
     def engine_config(self) -> EngineConfig:
         """The engine process's configuration, validated."""
         config = EngineConfig(
@@ -125,9 +136,10 @@ class Settings(BaseSettings):
         each with the closest setting's name."""
         known = {ENV_PREFIX + name.upper() for name in cls.model_fields} | OTHER_VARIABLES
         warnings = []
+        suffixes = sorted(variable.removeprefix(ENV_PREFIX) for variable in known)  # the shared prefix matches all
         for name in sorted(n for n in environ if n.upper().startswith(ENV_PREFIX) and n.upper() not in known):
-            close = difflib.get_close_matches(name.upper(), sorted(known), n=1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
+            close = difflib.get_close_matches(name.upper().removeprefix(ENV_PREFIX), suffixes, n=1)
+            hint = f" (did you mean {ENV_PREFIX}{close[0]}?)" if close else ""
             warnings.append(f"{name} is not a setting and is ignored{hint}")
         return warnings
 

@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import json
 import time
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -68,6 +69,8 @@ def test_settings_read_hogwild_env_and_explicit_values_win(clean_env: pytest.Mon
     settings = Settings()
     assert settings.max_sessions == 3 and settings.device is None
     assert settings.cors_origins == ["http://a.test", "http://b.test"]
+    assert Settings(cors_origins="*").cors_origins == ["*"]
+    assert Settings(cors_origins="https://[::1]:8443").cors_origins == ["https://[::1]:8443"]
     assert settings.api_key is not None and settings.api_key.get_secret_value() == "secret"
     assert "secret" not in repr(settings)
     assert Settings(max_sessions=5).max_sessions == 5
@@ -88,7 +91,13 @@ def test_engine_config_carries_every_engine_setting(clean_env: pytest.MonkeyPatc
     assert Settings().engine_config().cuda_graphs is False
 
 
-@pytest.mark.parametrize("values", [{"max_sessions": 0}, {"port": 70000}, {"dtype": "int8"}, {"max_workers": 9}])
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"max_sessions": 0}, {"port": 70000}, {"dtype": "int8"}, {"max_workers": 9},
+        {"cors_origins": "[1,2]"}, {"cors_origins": "http://a.test/app"}, {"cors_origins": "localhost:3000"},
+    ],
+)
 def test_out_of_range_settings_are_refused(clean_env: pytest.MonkeyPatch, values: dict) -> None:
     with pytest.raises(ValidationError):
         Settings(**values)
@@ -118,9 +127,13 @@ def test_serve_with_invalid_settings_exits_2_without_a_traceback(
 
 
 def test_misspelt_settings_are_named_with_the_setting_they_resemble() -> None:
-    environ = {"HOGWILD_MAX_SESSION": "1", "HOGWILD_MODEL": "x", "HOGWILD_CACHE_DIR": "/c", "HOME": "/root"}
+    environ = {
+        "HOGWILD_MAX_SESSION": "1", "HOGWILD_MODEL": "x", "HOGWILD_CACHE_DIR": "/c", "HOME": "/root",
+        "HOGWILD_TEMPRATURE": "0.7",  # a request field, not a setting: it resembles no setting
+    }
     assert Settings.unknown_variables(environ) == [
-        "HOGWILD_MAX_SESSION is not a setting and is ignored (did you mean HOGWILD_MAX_SESSIONS?)"
+        "HOGWILD_MAX_SESSION is not a setting and is ignored (did you mean HOGWILD_MAX_SESSIONS?)",
+        "HOGWILD_TEMPRATURE is not a setting and is ignored",
     ]
 
 
@@ -439,6 +452,21 @@ def test_an_engine_that_keeps_exiting_while_loading_is_given_up(monkeypatch: pyt
     assert bridge.metrics.engine_restarts == bridge_module.MAX_FAILED_STARTS - 1
 
 
+def test_no_engine_is_respawned_once_the_server_is_shutting_down(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An engine lost just before a SIGTERM: loading a new one would only hold up the shutdown."""
+    bridge = EngineBridge(Settings(), Metrics())
+    spawned: list[object] = []
+
+    async def spawn() -> None:
+        spawned.append(True)
+
+    monkeypatch.setattr(bridge, "_spawn", spawn)
+    monkeypatch.setattr(bridge_module, "RESTART_DELAY_SECONDS", 0.0)
+    bridge.abort_all()  # the first thing a shutdown does
+    asyncio.run(bridge._restart(asyncio.sleep(0)))
+    assert spawned == []
+
+
 def test_a_new_engine_starts_only_after_the_old_one_is_gone(monkeypatch: pytest.MonkeyPatch) -> None:
     """An engine whose replies can no longer be read may still be alive: it is killed (not asked, it may be stuck
     on a full pipe), and the new one spawns only once it exited, so two engines never hold the model at once."""
@@ -498,6 +526,60 @@ def test_an_unexpected_error_in_a_route_is_a_500_in_the_api_error_shape(
     }
     assert "a bug" not in response.text and "Traceback" not in response.text  # the details go to the log only
     assert any("unhandled error on GET /v1/broken" in r.getMessage() and r.exc_info for r in caplog.records)
+
+
+def test_the_openapi_document_has_one_operation_id_per_operation(clean_env: pytest.MonkeyPatch) -> None:
+    """Client generators key operations by id; GET and HEAD of one path must not share one (FastAPI warns)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        spec = create_app(Settings()).openapi()
+    ids = [op["operationId"] for path in spec["paths"].values() for op in path.values()]
+    assert len(ids) == len(set(ids))
+    assert set(spec["paths"]["/health"]) == {"get"} and set(spec["paths"]["/metrics"]) == {"get"}
+    client = TestClient(create_app(Settings()))
+    for path in ("/health", "/metrics"):  # HEAD is still served, only left out of the document
+        assert client.head(path).status_code == client.get(path).status_code
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b'{"prompt": "\xff"}', "request body is not valid UTF-8: JSON must be sent as UTF-8 text"),
+        (b"[" * 100_000 + b"]" * 100_000, "request body is nested too deeply to parse"),
+        (b'{"prompt": ', "request body is not valid JSON"),
+    ],
+)
+def test_a_body_the_json_parser_cannot_read_is_a_400_saying_why(
+    clean_env: pytest.MonkeyPatch, body: bytes, message: str
+) -> None:
+    client = TestClient(create_app(Settings()))
+    response = client.post("/v1/hogwild/completions", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 400
+    assert response.json()["error"] == {
+        "message": message, "type": "invalid_request_error", "param": None, "code": "invalid_json"
+    }
+
+
+def test_a_client_gone_before_its_body_arrived_is_counted_as_cancelled(clean_env: pytest.MonkeyPatch) -> None:
+    app = create_app(Settings())
+    scope = {
+        "type": "http", "method": "POST", "path": "/v1/hogwild/completions", "raw_path": b"/v1/hogwild/completions",
+        "query_string": b"", "headers": [(b"content-type", b"application/json"), (b"content-length", b"100")],
+        "http_version": "1.1", "scheme": "http", "server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 5000),
+    }
+    part = {"type": "http.request", "body": b'{"prompt": "Hi', "more_body": True}
+    arrivals = iter([part, {"type": "http.disconnect"}])
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return next(arrivals)
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    assert sent[0]["status"] == 499
+    assert app.state.metrics.requests == {"cancelled": 1}, "not an invalid request: nobody sent a broken body"
 
 
 def test_a_body_past_the_size_limit_is_refused_with_413(clean_env: pytest.MonkeyPatch) -> None:
