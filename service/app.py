@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse
 
-from service.auth import ApiKeyMiddleware
+from service.auth import PROTECTED_PREFIX, ApiKeyMiddleware
 from service.bridge import EngineBridge
 from service.errors import APIError, install_error_handlers, outcome_of
 from service.limits import BodyLimitMiddleware
@@ -67,21 +67,28 @@ def create_app(
             CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"]
         )
     app.include_router(router)
-    _document_400_not_422(app)
+    _document_the_api(app, needs_key=settings.api_key is not None)
     _serve_demo(app)
     return app
 
 
-def _document_400_not_422(app: FastAPI) -> None:
-    """FastAPI documents a 422 on every route with a body; this service answers 400 instead (see errors.py)."""
+def _document_the_api(app: FastAPI, needs_key: bool) -> None:
+    """Adjusts the generated OpenAPI document to what the service does: FastAPI documents a 422 on every route with
+    a body, where this service answers 400 (see errors.py); and with an API key, the /v1 operations declare the
+    bearer scheme, so /docs can send the key ("Authorize")."""
     build_schema = app.openapi
 
     def openapi() -> dict:
         if app.openapi_schema is None:
             schema = build_schema()
-            for operations in schema["paths"].values():
+            for path, operations in schema["paths"].items():
                 for operation in operations.values():
                     operation.get("responses", {}).pop("422", None)
+                    if needs_key and path.startswith(PROTECTED_PREFIX):
+                        operation["security"] = [{"bearer": []}]
+            if needs_key:
+                schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
+                schemes["bearer"] = {"type": "http", "scheme": "bearer", "description": "HOGWILD_API_KEY"}
             app.openapi_schema = schema
         return app.openapi_schema
 

@@ -582,6 +582,19 @@ def test_a_client_gone_before_its_body_arrived_is_counted_as_cancelled(clean_env
     assert app.state.metrics.requests == {"cancelled": 1}, "not an invalid request: nobody sent a broken body"
 
 
+def test_with_an_api_key_the_openapi_document_declares_it_on_the_protected_routes(
+    clean_env: pytest.MonkeyPatch,
+) -> None:
+    spec = create_app(Settings(api_key="k")).openapi()
+    assert spec["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    security = {path: [op.get("security") for op in ops.values()] for path, ops in spec["paths"].items()}
+    assert all(marks == [[{"bearer": []}]] for path, marks in security.items() if path.startswith("/v1/"))
+    assert security["/health"] == security["/metrics"] == [None], "open routes declare no key"
+    open_spec = create_app(Settings()).openapi()
+    assert "securitySchemes" not in open_spec.get("components", {})
+    assert not any(op.get("security") for ops in open_spec["paths"].values() for op in ops.values())
+
+
 def test_a_body_past_the_size_limit_is_refused_with_413(clean_env: pytest.MonkeyPatch) -> None:
     """Refused before it is read whole: by its Content-Length, or, sent in chunks, once it passes the limit."""
     client = TestClient(create_app(Settings()))
