@@ -399,6 +399,13 @@ def test_an_engine_that_cannot_be_restarted_is_given_up(monkeypatch: pytest.Monk
     assert fatal and "could not start" in fatal[0] and "Too many open files" in fatal[0]
 
 
+async def exit_engine(bridge: EngineBridge) -> None:
+    """The bridge's engine process exits; runs what that sets off (stopping it, restarting) to its end."""
+    bridge._on_exit(bridge._process)  # type: ignore[arg-type]
+    while bridge._tasks:
+        await asyncio.wait_for(asyncio.gather(*bridge._tasks), 5)
+
+
 def test_a_client_that_leaves_before_its_request_is_accepted_cancels_it_in_the_engine() -> None:
     bridge = EngineBridge(Settings(), Metrics())
     bridge.state, bridge._process = EngineState.READY, SentCommands()  # type: ignore[assignment]
@@ -440,9 +447,7 @@ def test_an_engine_that_keeps_exiting_while_loading_is_given_up(monkeypatch: pyt
         for _ in range(10):  # bounded: a server that never gives up fails the test instead of hanging it
             if bridge.state is not EngineState.LOADING:
                 break
-            bridge._on_exit(bridge._process)  # type: ignore[arg-type]
-            while bridge._tasks:
-                await asyncio.wait_for(asyncio.gather(*bridge._tasks), 5)
+            await exit_engine(bridge)
 
     monkeypatch.setattr(bridge, "_spawn", spawn)
     monkeypatch.setattr(bridge_module, "RESTART_DELAY_SECONDS", 0.0)
@@ -486,9 +491,7 @@ def test_a_new_engine_starts_only_after_the_old_one_is_gone(monkeypatch: pytest.
 
     async def lose_the_engine() -> None:
         bridge._process, bridge.state = StuckEngine(), EngineState.READY  # type: ignore[assignment]
-        bridge._on_exit(bridge._process)  # type: ignore[arg-type]
-        while bridge._tasks:
-            await asyncio.wait_for(asyncio.gather(*bridge._tasks), 5)
+        await exit_engine(bridge)
 
     monkeypatch.setattr(bridge, "_spawn", spawn)
     monkeypatch.setattr(bridge_module, "RESTART_DELAY_SECONDS", 0.0)
