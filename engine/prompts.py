@@ -23,7 +23,7 @@ FINISHER = (
 
 def collaboration_rules(names: tuple[str, ...]) -> str:
     """System prompt for len(names) workers; a single worker gets plain step-by-step rules."""
-    answer = "When the answer is known, state it once as \\boxed{answer}."
+    answer = "When the answer is known, put it once within \\boxed{}."
     if len(names) == 1:
         return (
             f"You are {names[0]}, an assistant solving the user's task step by step. Write short paragraphs "

@@ -50,14 +50,20 @@ def _blank_line_at(step_text: str, token_text: str) -> int:
 
 
 def extract_boxed(text: str) -> str | None:
-    """The content of the first complete \\boxed{...} (nested braces allowed), or None."""
+    """The content of the first complete \\boxed{...} (nested braces allowed) that holds something, or None.
+
+    An empty box is no answer: a model that mentions the format ("I will put it in \\boxed{}") has not
+    answered yet."""
     start = text.find(BOXED)
     while start >= 0:
         depth, i = 1, start + len(BOXED)
         while i < len(text):
             depth += {"{": 1, "}": -1}.get(text[i], 0)
             if depth == 0:
-                return text[start + len(BOXED) : i].strip()
+                break
             i += 1
+        content = text[start + len(BOXED) : i].strip() if depth == 0 else ""
+        if content:
+            return content
         start = text.find(BOXED, start + 1)
     return None

@@ -43,6 +43,8 @@ def test_dollar_signs_inside_code_do_not_open_math() -> None:
         ("unfinished \\boxed{4", None),
         ("no answer here", None),
         ("\\boxed{ x = 2 }", "x = 2"),
+        ("\\boxed{}", None),  # an empty box answers nothing
+        ("I will put it within \\boxed{ }. It is \\boxed{7}.", "7"),
     ],
 )
 def test_answer_extraction(text: str, answer: str | None) -> None:
