@@ -14,7 +14,10 @@ from jinja2.exceptions import TemplateError
 PAST_STEPS_HEADER = "### Past steps\n"
 OTHERS_LABEL = "\n\n### Work in progress (others)\n"
 OWN_LABEL = "\n\n### Work in progress (own)\n"
-REDUNDANCY_CHECK = "Quick check: am I doing redundant work? (yes/no): "
+# Inserted texts end where a word would begin and open with the space before their first word: tokenizers fold
+# a word's leading space into its token, so a text ending in a space leaves a lone space token that models
+# rarely saw before a word (after "**Alice [2]:** " small Qwen and SmolLM models wrote a digit 3 times in 4).
+REDUNDANCY_CHECK = " Quick check: am I doing redundant work? (yes/no):"
 FINISHER = (
     "\n\nTime is up, so I have to give the final answer right now. "
     "Considering all the work above, the final answer is \\boxed{"
@@ -46,13 +49,13 @@ def collaboration_rules(names: tuple[str, ...]) -> str:
 
 
 def step_header(name: str, step: int) -> str:
-    return f"**{name} [{step}]:** "
+    return f"**{name} [{step}]:**"
 
 
 def first_step(name: str, index: int) -> str:
     """The first step of every worker: a blank line, its header, and a short seed."""
     seed = f"Hi, I'm {name}. Here's how we can" if index == 0 else f"Hi, I'm {name}."
-    return "\n\n" + step_header(name, 1) + seed
+    return "\n\n" + step_header(name, 1) + " " + seed
 
 
 @dataclass(frozen=True)

@@ -87,6 +87,10 @@ class Session:
         self.request = request
         self.cache = cache
         self._tokenizer = tokenizer = model.tokenizer
+        # SentencePiece tokenizers with a dummy prefix put a space before every text they encode, one that opens
+        # with a space too: that space would be encoded twice.
+        encode = tokenizer.encode
+        self._prefixes_space = len(encode(" a", add_special_tokens=False)) > len(encode("a", add_special_tokens=False))
         self._eos_ids = model.eos_token_ids
         self._view_limit = min(model.context_length, view_limit or model.context_length)
         self._inv_freq = model.inv_freq
@@ -183,6 +187,8 @@ class Session:
         self._events.append(InsertedEvent(worker.index, worker.step, text, tuple(ids), reason))  # type: ignore[arg-type]
 
     def _encode(self, text: str) -> list[int]:
+        if self._prefixes_space and text.startswith(" "):
+            text = text[1:]  # the tokenizer writes this space itself
         return self._tokenizer.encode(text, add_special_tokens=False)
 
     # ---- what the samples mean -----------------------------------------------------------------------------

@@ -94,6 +94,21 @@ def test_redundancy_check_goes_into_the_next_step_header_every_k_tokens(tokenize
         assert isinstance(header, InsertedEvent) and header.reason == "header" and header.worker == check.worker
 
 
+def test_inserted_texts_never_end_in_a_lone_space_token(tokenizer) -> None:
+    """A word's leading space belongs to the word's token: a header ending in its own space token left models
+    writing digits after it. The header ends at its colon-stars; the check opens with its space-led word."""
+    session = make_session(tokenizer, num_workers=1, max_tokens=60, redundancy_check_every=2)
+    events = drive(session, tokenizer, [["Done"], ["."], ["\n"], ["\n"], [" Next"]])
+    inserted = [e for e in events if isinstance(e, InsertedEvent)]
+    first, header, check = inserted[0], inserted[1], inserted[2]
+    assert (header.text, header.reason, check.reason) == ("**Alice [2]:**", "header", "intervention")
+    for event in inserted:
+        assert not tokenizer.decode(event.token_ids[-1:]).isspace(), event
+    assert tokenizer.decode(check.token_ids[:1]) == " Quick" and check.text.startswith(" Quick check")
+    pieces = tokenizer.convert_ids_to_tokens(first.token_ids)
+    assert pieces[pieces.index(":**") + 1] == "ĠHi"  # the seed's first word carries its space
+
+
 def test_no_redundancy_check_when_disabled(tokenizer) -> None:
     session = make_session(tokenizer, num_workers=2, max_tokens=60, redundancy_check_every=0)
     events = drive(session, tokenizer, [["Done", "Done"], [".", "."], ["\n", "\n"], ["\n", "\n"]] * 3)
@@ -291,6 +306,17 @@ def test_a_first_sampled_word_keeps_its_space_with_a_tokenizer_that_strips_one()
     texts = [e.text for e in session.take_events() if isinstance(e, TokenEvent)]
     assert "".join(texts) == " solve it"
     assert session.workers[0].text.endswith("we can solve it")
+
+
+def test_a_space_the_tokenizer_writes_itself_is_not_encoded_twice() -> None:
+    """SentencePiece tokenizers with a dummy prefix put a space before each text they encode: the redundancy
+    check, which opens with a space, is encoded with that one space, not two."""
+    tok = sentencepiece_like_tokenizer()
+    session = make_session(tok, num_workers=1, max_tokens=10, final_answer=False)
+    session._insert(session.workers[0], prompts.REDUNDANCY_CHECK, "intervention")
+    (check,) = [e for e in session.take_events() if isinstance(e, InsertedEvent) and e.reason == "intervention"]
+    assert tok.convert_ids_to_tokens(check.token_ids)[:2] != ["▁", "▁"]
+    assert tok.convert_ids_to_tokens(tok.encode(check.text, add_special_tokens=False))[:2] == ["▁", "▁"]
 
 
 def merged_blank_line_tokenizer():
