@@ -257,7 +257,7 @@ def test_malformed_body_is_400(client: httpx.Client, content: bytes, code: str) 
     [
         (b'{"prompt": "Hi"}', "text/plain", "invalid_request", "Content-Type: application/json"),
         (b"prompt=Hi", "application/x-www-form-urlencoded", "invalid_request", "Content-Type: application/json"),
-        (b"[" * 100_000 + b"]" * 100_000, "application/json", "invalid_json", "could not be parsed"),
+        (b"[" * 100_000 + b"]" * 100_000, "application/json", "invalid_json", "nested too deeply"),
     ],
 )
 def test_a_body_that_is_not_a_json_object_says_so(
