@@ -87,9 +87,9 @@ def run_engine_process(
 
 def _thread_locked_progress_bars() -> None:
     """Progress bars (loading weights, hub downloads) guard their output with a multiprocessing lock by default: a
-    named semaphore registered with the API process's resource tracker, which an engine killed while it holds it
-    never releases (the server then warns of a leaked semaphore at exit). This process draws its bars from its
-    own threads only, so a thread lock guards them as well."""
+    named semaphore registered with the API process's resource tracker, which a killed engine never unregisters
+    (the server then warns of a leaked semaphore at exit). This process draws its bars from its own threads only,
+    so a thread lock guards them as well."""
     from tqdm import tqdm
 
     tqdm.set_lock(threading.RLock())
