@@ -17,6 +17,7 @@ torch and transformers are imported only when a conversion runs.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -73,7 +74,8 @@ def ensure_default_model(progress: Progress | None = None) -> Path:
     report("converting GGUF to a Hugging Face folder (one time, about 25 s on 2 CPU cores)")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        _remove_abandoned(target)
+        with contextlib.suppress(OSError):  # someone else's leftovers in a shared cache must not stop this one
+            _remove_abandoned(target)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.converting-", dir=target.parent))
     except OSError as exc:
         raise _unwritable(target.parent, exc) from exc
@@ -202,8 +204,8 @@ def _publish(staging: Path, target: Path) -> None:
 
 def _remove_abandoned(target: Path) -> None:
     """Deletes what conversions into `target` left behind when their process was killed (Ctrl+C while loading):
-    staging and moved-aside folders older than ABANDONED_AFTER_SECONDS, far longer than a conversion takes, so
-    a concurrent conversion's folder is never touched."""
+    staging folders older than ABANDONED_AFTER_SECONDS, far longer than a conversion takes, so a running
+    conversion's folder is never touched, and moved-aside folders as old (a replacement deletes its own at once)."""
     cutoff = time.time() - ABANDONED_AFTER_SECONDS
     for pattern in (f".{target.name}.converting-*", f".{target.name}.stale-*"):
         for path in target.parent.glob(pattern):

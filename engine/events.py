@@ -59,7 +59,7 @@ class StepEndEvent:
 
 @dataclass(frozen=True)
 class AnswerEvent:
-    """A final answer: the content of the first complete \\boxed{...} a worker (or the finisher) wrote."""
+    """A final answer: the content of the first non-empty \\boxed{...} a worker (or the finisher) wrote."""
 
     worker: int
     step: int

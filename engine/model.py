@@ -106,10 +106,11 @@ def load_model(config: EngineConfig, progress: Progress | None = None) -> Loaded
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=ATTENTION_NAME)
-    except Exception as exc:  # missing or unreadable files, a truncated weights file, too little memory
+        model.to(device).eval()
+    except Exception as exc:  # missing or unreadable files, a truncated weights file, too little device memory
+        log.debug("loading %s failed", path, exc_info=True)  # the traceback, for HOGWILD_LOG_LEVEL=debug
         reason = str(exc) if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
         raise ModelNotFoundError(f"{LOAD_FAILED_PREFIX} '{config.model}': {reason}") from exc
-    model.to(device).eval()
     rotary = model.model.rotary_emb
     say("model loaded")
     return LoadedModel(

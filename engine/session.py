@@ -33,7 +33,7 @@ from engine.events import (
 )
 from engine.model import LoadedModel
 from engine.plan import Run
-from engine.text import BOXED, ends_inside_token, extract_boxed, is_step_end
+from engine.text import closed_box, ends_inside_token, extract_boxed, is_step_end
 
 COMMON, OTHERS_LABEL, OWN_LABEL = 0, 1, 2
 FIRST_STEP_BLOCK = 3
@@ -87,10 +87,10 @@ class Session:
         self.request = request
         self.cache = cache
         self._tokenizer = tokenizer = model.tokenizer
-        # SentencePiece tokenizers with a dummy prefix put a space before every text they encode, one that opens
-        # with a space too: that space would be encoded twice.
-        encode = tokenizer.encode
-        self._prefixes_space = len(encode(" a", add_special_tokens=False)) > len(encode("a", add_special_tokens=False))
+        # SentencePiece tokenizers with a dummy prefix put a space ('▁') before every text they encode, one that
+        # opens with a space too: that space would be encoded twice.
+        a, space_a = (tokenizer.encode(text, add_special_tokens=False) for text in ("a", " a"))
+        self._prefixes_space = tokenizer.convert_ids_to_tokens(a[:1])[0].startswith("▁") and len(space_a) > len(a)
         self._eos_ids = model.eos_token_ids
         self._view_limit = min(model.context_length, view_limit or model.context_length)
         self._inv_freq = model.inv_freq
@@ -269,11 +269,11 @@ class Session:
         if text:
             self._events.append(TokenEvent(worker.index, worker.step, text, ids))
             self._finisher_text += text
-        answer = extract_boxed(BOXED + self._finisher_text)
+        content = closed_box(self._finisher_text)  # the finisher's text starts inside its box
         exhausted = token_id in self._eos_ids or self._finisher_tokens >= FINISHER_MAX_TOKENS
-        if answer is not None or exhausted:
-            if answer is not None:
-                self._give_answer(worker, answer)
+        if content is not None or exhausted:
+            if content:  # an empty box answers nothing
+                self._give_answer(worker, content)
             self._finish((self._finisher_reason,) * len(self.workers))
 
     def _give_answer(self, worker: Worker, answer: str) -> None:

@@ -56,14 +56,25 @@ def extract_boxed(text: str) -> str | None:
     answered yet."""
     start = text.find(BOXED)
     while start >= 0:
-        depth, i = 1, start + len(BOXED)
-        while i < len(text):
-            depth += {"{": 1, "}": -1}.get(text[i], 0)
-            if depth == 0:
-                break
-            i += 1
-        content = text[start + len(BOXED) : i].strip() if depth == 0 else ""
-        if content:
-            return content
+        inside = start + len(BOXED)
+        end = _closing_brace(text, inside)
+        if end >= 0 and text[inside:end].strip():
+            return text[inside:end].strip()
         start = text.find(BOXED, start + 1)
     return None
+
+
+def closed_box(inside: str) -> str | None:
+    """For text that continues an open \\boxed{: the box's content once it has closed (possibly empty), else None."""
+    end = _closing_brace(inside, 0)
+    return inside[:end].strip() if end >= 0 else None
+
+
+def _closing_brace(text: str, inside: int) -> int:
+    """Index of the brace that closes a box whose content starts at `inside` (nested braces allowed), or -1."""
+    depth = 1
+    for i in range(inside, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            return i
+    return -1

@@ -29,7 +29,7 @@ LOG_FORMAT = "%(levelname)s:     %(name)s: %(message)s"  # uvicorn's look, in bo
 ENV_PREFIX = "HOGWILD_"
 # Variables of this prefix read elsewhere: the default model's cache folder, the client's server URL and key.
 OTHER_VARIABLES = {"HOGWILD_CACHE_DIR", "HOGWILD_URL"}
-ORIGIN = re.compile(r"https?://[^\s/?#]+")  # what a browser's Origin header holds
+ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^\s/?#]+")  # what a browser's Origin header holds (or "null")
 
 
 class Settings(BaseSettings):
@@ -110,8 +110,8 @@ class Settings(BaseSettings):
     @classmethod
     def _check_origins(cls, origins: list[str]) -> list[str]:
         for origin in origins:  # a browser sends exactly this shape; anything else would never match
-            if origin != "*" and not ORIGIN.fullmatch(origin):
-                raise ValueError(f"{origin!r} is not an origin: give scheme://host[:port] (no path), or *")
+            if origin not in ("*", "null") and not ORIGIN.fullmatch(origin):
+                raise ValueError(f"{origin!r} is not an origin: give scheme://host[:port] (no path), null or *")
         return origins
 
     def engine_config(self) -> EngineConfig:

@@ -66,6 +66,7 @@ class ScriptedEngine:
         return self.sessions.pop(session_id, None) is not None
 
     def step(self) -> list[tuple[str, Event]]:
+        time.sleep(0.001)  # a step takes time, as a real one does: a long session does not flood the replies
         if self.fail_steps:
             self.fail_steps -= 1
             raise RuntimeError("device lost")

@@ -71,6 +71,8 @@ def test_settings_read_hogwild_env_and_explicit_values_win(clean_env: pytest.Mon
     assert settings.cors_origins == ["http://a.test", "http://b.test"]
     assert Settings(cors_origins="*").cors_origins == ["*"]
     assert Settings(cors_origins="https://[::1]:8443").cors_origins == ["https://[::1]:8443"]
+    extension_and_file_pages = "chrome-extension://abcdef,null"  # origins browsers send besides http(s)
+    assert Settings(cors_origins=extension_and_file_pages).cors_origins == ["chrome-extension://abcdef", "null"]
     assert settings.api_key is not None and settings.api_key.get_secret_value() == "secret"
     assert "secret" not in repr(settings)
     assert Settings(max_sessions=5).max_sessions == 5
@@ -596,6 +598,22 @@ def test_with_an_api_key_the_openapi_document_declares_it_on_the_protected_route
     open_spec = create_app(Settings()).openapi()
     assert "securitySchemes" not in open_spec.get("components", {})
     assert not any(op.get("security") for ops in open_spec["paths"].values() for op in ops.values())
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"prompt": "Hi"}, "workers"),  # the default of 2 workers is over a limit of 1: no names were sent
+        ({"prompt": "Hi", "worker_names": []}, "workers"),
+        ({"prompt": "Hi", "worker_names": ["Ann", "Ben"]}, "worker_names"),  # two names ask for two workers
+    ],
+)
+def test_too_many_workers_blames_the_field_the_client_sent(
+    clean_env: pytest.MonkeyPatch, body: dict, param: str
+) -> None:
+    client = TestClient(create_app(Settings(max_workers=1)))
+    response = client.post("/v1/hogwild/completions", json=body)
+    assert response.status_code == 400 and response.json()["error"]["param"] == param
 
 
 def test_a_body_past_the_size_limit_is_refused_with_413(clean_env: pytest.MonkeyPatch) -> None:

@@ -158,6 +158,16 @@ def test_end_of_sequence_without_an_answer_lets_worker_0_conclude(tokenizer, end
     assert not [e for e in after_finisher if isinstance(e, TokenEvent) and e.worker == 1]
 
 
+def test_a_finisher_that_closes_an_empty_box_ends_without_an_answer(tokenizer) -> None:
+    session = make_session(tokenizer, num_workers=1, max_tokens=2)
+    drive(session, tokenizer, [[" a"], [" b"]])  # the budget runs out: the finisher opens the box
+    assert session.is_finishing
+    events = drive(session, tokenizer, [["}"], [" more"]])
+    done = events[-1]
+    assert isinstance(done, DoneEvent) and done.answer is None and done.finish_reasons == ("length",)
+    assert [e.text for e in events if isinstance(e, TokenEvent)] == ["}"], "nothing is sampled after the box"
+
+
 def test_the_finisher_continues_a_step_that_ended_in_the_last_round(tokenizer) -> None:
     """The budget runs out in the round whose token ended worker 0's step: the finisher's text follows that step
     as it is, with no header of a next step in the way of the answer."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.text import ends_inside_token, extract_boxed, has_open_block, is_step_end
+from engine.text import closed_box, ends_inside_token, extract_boxed, has_open_block, is_step_end
 
 
 @pytest.mark.parametrize(
@@ -66,3 +66,11 @@ def test_a_step_ending_token_is_told_apart_by_whether_it_holds_step_text(
 ) -> None:
     assert is_step_end(step_text, token_text)
     assert ends_inside_token(step_text, token_text) is inside
+
+
+@pytest.mark.parametrize(
+    "inside,content",
+    [("42} and more", "42"), ("\\frac{1}{2} }", "\\frac{1}{2}"), (" }", ""), ("4", None), ("{nested}", None)],
+)
+def test_a_box_continued_from_its_opening_brace_closes_at_its_own_brace(inside: str, content: str | None) -> None:
+    assert closed_box(inside) == content
