@@ -72,7 +72,7 @@ class Settings(BaseSettings):
     )
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="comma-separated origins allowed by CORS, each scheme://host[:port], or * (empty: CORS off)",
+        description="comma-separated origins allowed by CORS, each scheme://host[:port], null or * (empty: CORS off)",
     )
     keepalive_seconds: float = Field(
         10.0, gt=0, allow_inf_nan=False, description="interval of ': ping' comments on an idle stream"
