@@ -245,8 +245,8 @@ class Engine:
     def _token_count(self) -> Callable[[str], int]:
         """Tokens of one of the engine's own short texts (labels, headers, checks), remembered: every request's
         checks count the same few texts several times."""
-        tokenizer = self.model.tokenizer
-        return functools.lru_cache(maxsize=4096)(lambda text: len(tokenizer.encode(text, add_special_tokens=False)))
+        encode = prompts.InsertedText(self.model.tokenizer)
+        return functools.lru_cache(maxsize=4096)(lambda text: len(encode(text)))
 
     def _refuse_special_tokens(self, request: SessionRequest) -> None:
         """Refuses a prompt or worker name that spells one of the tokenizer's special tokens: the tokenizer would

@@ -58,6 +58,34 @@ def first_step(name: str, index: int) -> str:
     return "\n\n" + step_header(name, 1) + " " + seed
 
 
+class InsertedText:
+    """Token ids of the texts the engine inserts into running text (labels, headers, checks, the finisher).
+
+    A SentencePiece tokenizer puts a dummy-prefix space ('▁') before every text it encodes; inside running text
+    there is none (a header after a blank line would read "\n\n **Alice", and a text that opens with a space would
+    get two). For such a tokenizer a text is encoded after an anchor newline whose tokens are then dropped; other
+    tokenizers encode it as it is.
+    """
+
+    ANCHOR = "\n"
+
+    def __init__(self, tokenizer: object) -> None:
+        self._tokenizer = tokenizer
+        first = tokenizer.convert_ids_to_tokens(self._plain("a")[:1])  # type: ignore[attr-defined]
+        self._anchor = self._plain(self.ANCHOR) if first and first[0].startswith("▁") else None
+
+    def __call__(self, text: str) -> list[int]:
+        if self._anchor is None:
+            return self._plain(text)
+        ids = self._plain(self.ANCHOR + text)
+        if ids[: len(self._anchor)] != self._anchor:  # the anchor merged with the text: no clean cut exists
+            return self._plain(text)
+        return ids[len(self._anchor) :]
+
+    def _plain(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens=False)  # type: ignore[attr-defined]
+
+
 @dataclass(frozen=True)
 class ChatPrompt:
     """The common block's opening text: the chat-formatted rules and task, then the past-steps header."""

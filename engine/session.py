@@ -86,11 +86,8 @@ class Session:
         self.id = session_id
         self.request = request
         self.cache = cache
-        self._tokenizer = tokenizer = model.tokenizer
-        # SentencePiece tokenizers with a dummy prefix put a space ('▁') before every text they encode, one that
-        # opens with a space too: that space would be encoded twice.
-        a, space_a = (tokenizer.encode(text, add_special_tokens=False) for text in ("a", " a"))
-        self._prefixes_space = tokenizer.convert_ids_to_tokens(a[:1])[0].startswith("▁") and len(space_a) > len(a)
+        tokenizer = model.tokenizer
+        self._encode = prompts.InsertedText(tokenizer)
         self._eos_ids = model.eos_token_ids
         self._view_limit = min(model.context_length, view_limit or model.context_length)
         self._inv_freq = model.inv_freq
@@ -185,11 +182,6 @@ class Session:
         worker.pending.extend(ids, False)
         worker.text += text.lstrip("\n") if not worker.text else text
         self._events.append(InsertedEvent(worker.index, worker.step, text, tuple(ids), reason))  # type: ignore[arg-type]
-
-    def _encode(self, text: str) -> list[int]:
-        if self._prefixes_space and text.startswith(" "):
-            text = text[1:]  # the tokenizer writes this space itself
-        return self._tokenizer.encode(text, add_special_tokens=False)
 
     # ---- what the samples mean -----------------------------------------------------------------------------
 

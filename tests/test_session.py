@@ -318,15 +318,29 @@ def test_a_first_sampled_word_keeps_its_space_with_a_tokenizer_that_strips_one()
     assert session.workers[0].text.endswith("we can solve it")
 
 
-def test_a_space_the_tokenizer_writes_itself_is_not_encoded_twice() -> None:
-    """SentencePiece tokenizers with a dummy prefix put a space before each text they encode: the redundancy
-    check, which opens with a space, is encoded with that one space, not two."""
-    tok = sentencepiece_like_tokenizer()
-    session = make_session(tok, num_workers=1, max_tokens=10, final_answer=False)
-    session._insert(session.workers[0], prompts.REDUNDANCY_CHECK, "intervention")
-    (check,) = [e for e in session.take_events() if isinstance(e, InsertedEvent) and e.reason == "intervention"]
-    assert tok.convert_ids_to_tokens(check.token_ids)[:2] != ["▁", "▁"]
-    assert tok.convert_ids_to_tokens(tok.encode(check.text, add_special_tokens=False))[:2] == ["▁", "▁"]
+def metaspace_tokenizer():
+    """A tokenizer that encodes as newer Llama 2 and Mistral conversions do: '▁' before the text unless it opens
+    with a space (Metaspace, prepend scheme "first")."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "</s>": 1, "▁": 2, "\n": 3, "*": 4, "a": 5, "▁a": 6}
+    model = Tokenizer(models.BPE(vocab=vocab, merges=[("▁", "a")], unk_token="<unk>"))
+    model.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    model.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    return PreTrainedTokenizerFast(tokenizer_object=model, unk_token="<unk>", eos_token="</s>")
+
+
+@pytest.mark.parametrize("make_tokenizer", [sentencepiece_like_tokenizer, metaspace_tokenizer])
+def test_inserted_texts_get_no_dummy_prefix_space(make_tokenizer) -> None:
+    """SentencePiece tokenizers put a '▁' before each text they encode. Inserted into running text, a header after
+    a blank line gets none, and the redundancy check, which opens with a space, gets that one space only."""
+    tok = make_tokenizer()
+    encode, pieces = prompts.InsertedText(tok), tok.convert_ids_to_tokens
+    for text in ("**", "\n**"):
+        assert pieces(tok.encode(text, add_special_tokens=False))[0] == "▁", "encoded alone, a text gets a '▁'"
+    assert pieces(encode("**"))[0] != "▁" and pieces(encode("\n**"))[0] != "▁"
+    assert pieces(encode(" a")) == pieces(tok.encode("a", add_special_tokens=False)), "one space, not two"
 
 
 def merged_blank_line_tokenizer():
