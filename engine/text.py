@@ -9,6 +9,7 @@ SENTENCE_ENDINGS = (".", "?", "!", "。", "？", "！")  # noqa: RUF001 - CJK fu
 TRAILING_CLOSERS = "\"')]*_”’»`"  # noqa: RUF001 - may follow the sentence end: quotes, brackets, emphasis
 FENCE = re.compile(r"^[ \t]*(```|~~~)", re.MULTILINE)
 BOXED = "\\boxed{"
+BRACE_DEPTH = {"{": 1, "}": -1}
 
 
 def ends_sentence(text: str) -> bool:
@@ -45,8 +46,11 @@ def ends_inside_token(step_text: str, token_text: str) -> bool:
 
 
 def _blank_line_at(step_text: str, token_text: str) -> int:
-    """Where in step_text + token_text the token completes a blank line (-1: it completes none)."""
-    return (step_text + token_text).find(STEP_SEPARATOR, max(0, len(step_text) - 1))
+    """Where in step_text + token_text the token completes a blank line (-1: it completes none). Runs for every
+    sampled token, so only the step text's last character is looked at, not the whole step copied."""
+    tail = step_text[-1:]
+    at = (tail + token_text).find(STEP_SEPARATOR)
+    return at if at < 0 else len(step_text) - len(tail) + at
 
 
 def extract_boxed(text: str) -> str | None:
@@ -74,7 +78,7 @@ def _closing_brace(text: str, inside: int) -> int:
     """Index of the brace that closes a box whose content starts at `inside` (nested braces allowed), or -1."""
     depth = 1
     for i in range(inside, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        depth += BRACE_DEPTH.get(text[i], 0)
         if depth == 0:
             return i
     return -1
