@@ -245,7 +245,7 @@ class Engine:
     def _token_count(self) -> Callable[[str], int]:
         """Tokens of one of the engine's own short texts (labels, headers, checks), remembered: every request's
         checks count the same few texts several times."""
-        encode = prompts.InsertedText(self.model.tokenizer)
+        encode = self.model.inserted_text
         return functools.lru_cache(maxsize=4096)(lambda text: len(encode(text)))
 
     def _refuse_special_tokens(self, request: SessionRequest) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -13,6 +14,7 @@ import torch
 from engine.attention import ATTENTION_NAME, hogwild_attention
 from engine.config import DEFAULT_MODEL, EngineConfig
 from engine.errors import LOAD_FAILED_PREFIX, InvalidRequestError, ModelNotFoundError, UnsupportedModelError
+from engine.prompts import InsertedText
 from engine.rope import check_rope
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,11 @@ class LoadedModel:
     head_dim: int
     context_length: int
     eos_token_ids: frozenset[int]
+
+    @functools.cached_property
+    def inserted_text(self) -> InsertedText:
+        """The encoder of the texts the engine inserts, shared by admission's bounds and every session."""
+        return InsertedText(self.tokenizer)
 
 
 def resolve_device_dtype(device: str | None, dtype: str | None) -> tuple[torch.device, torch.dtype]:

@@ -87,7 +87,7 @@ class Session:
         self.request = request
         self.cache = cache
         tokenizer = model.tokenizer
-        self._encode = prompts.InsertedText(tokenizer)
+        self._encode = model.inserted_text
         self._eos_ids = model.eos_token_ids
         self._view_limit = min(model.context_length, view_limit or model.context_length)
         self._inv_freq = model.inv_freq

@@ -28,7 +28,7 @@ def tokenizer(default_model_dir: Path):
 def make_session(tokenizer, context_length: int = 8192, **request: object) -> Session:
     model = SimpleNamespace(
         tokenizer=tokenizer, eos_token_ids=frozenset({tokenizer.eos_token_id}), context_length=context_length,
-        inv_freq=INV_FREQ,
+        inv_freq=INV_FREQ, inserted_text=prompts.InsertedText(tokenizer),
     )
     req = SessionRequest(**{"prompt": "Add 2 and 2.", "redundancy_check_every": 0, **request})  # type: ignore[arg-type]
     cache = SessionCache(1, 1, 8, req.num_workers + 2, torch.float32, torch.device("cpu"))
