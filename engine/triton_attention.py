@@ -19,10 +19,12 @@ How the work is cut:
   the one that completes the count merges, saving a launch. Which is faster is a launch parameter for
   bench/tune_triton.py to decide on each GPU kind.
 
-The common block and the small blocks live in two tensors, so the chunk kernel runs once over each, writing
-into one table of partials. Importing this module raises ImportError when Triton is missing; otherwise it only
-defines the kernels (compiled on first launch). Triton fixes its mode when it is first imported: set
-TRITON_INTERPRET=1 before that to run these kernels on CPU tensors in Triton's interpreter.
+The common block and the small blocks live in two tensors. One launch of the chunk kernel covers both (ONE_LAUNCH
+= 1: the programs after the common block's chunks take the small blocks' chunks, with that tensor's base and
+strides), or each gets a launch of its own; either way all write into one table of partials. Importing this module
+raises ImportError when Triton is missing; otherwise it only defines the kernels (compiled on first launch).
+Triton fixes its mode when it is first imported: set TRITON_INTERPRET=1 before that to run these kernels on CPU
+tensors in Triton's interpreter.
 """
 
 from __future__ import annotations
@@ -45,21 +47,24 @@ from engine.errors import UnsupportedModelError
 from engine.plan import GroupPlan
 
 # Launch parameters, read at every call. Values: bench/tune_triton.py's sweep on an H200 (bf16, 32/8 heads of
-# 128, decode at 1k-16k context), which cut a 16k-context 4-worker layer from 2.9x to 1.4x SDPA's time.
+# 128, decode at 1k-16k context), which cut a 16k-context 4-worker layer from 2.9x to 1.27x SDPA's time.
 BLOCK_N = 128  # keys per tile
 CHUNK_WARPS = 4  # warps per chunk program
 MERGE_ROWS = 16  # query rows per merge program
 MERGE_DIMS = 16  # head-dim columns per merge program: a decode step has few rows, so columns spread the merge
-MIN_CHUNK_TILES = 2  # a chunk holds at least this many key tiles before the key range is split further
+MIN_CHUNK_TILES = 1  # a chunk holds at least this many key tiles before the key range is split further
 PROGRAMS_PER_SM = 1  # chunk programs aimed at per multiprocessor when splitting keys
 MERGE_IN_CHUNKS = 0  # 1: the last chunk program of each row tile and KV head merges (no merge launch)
+ONE_DOT = 1  # 1: scores as one dot of depth D per key tile (the query rotated whole), 0: two dots of depth D/2
+ONE_LAUNCH = 1  # 1: one chunk launch over the common and the small blocks, 0: a launch for each
 INTERPRETER_PROGRAMS = 16  # the same aim on the CPU interpreter (no multiprocessors to count)
 STAGES = {torch.float32: 1}  # software-pipeline depth: float32 tiles fit every GPU's shared memory only unpipelined
 DEFAULT_STAGES = 3
 LOG2_E = math.log2(math.e)
 # Arguments that change from call to call: left unspecialised, so one compiled kernel serves every session.
 _CHUNK_RUNTIME_ARGS = ["stride_vn", "stride_lc", "stride_lh", "stride_fr", "n", "first_block", "block_len",
-                       "chunks_per_block", "first_chunk", "num_chunks"]
+                       "chunks_per_block", "first_chunk", "num_chunks", "first_block2", "block_len2",
+                       "chunks_per_block2", "split"]
 _MERGE_RUNTIME_ARGS = ["stride_lc", "stride_lh", "num_rows", "num_chunks"]
 
 
@@ -67,26 +72,38 @@ _MERGE_RUNTIME_ARGS = ["stride_lc", "stride_lh", "num_rows", "num_chunks"]
 def _chunk_kernel(
     q_ptr, cos_ptr, sin_ptr, vis_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
     final_ptr, count_ptr,  # MERGE only: the output (Hkv, R, D) and one int32 counter per (row tile, KV head)
+    k2_ptr, v2_ptr,  # BOTH only: the second cache tensor, read by programs from `split` on
     stride_qh, stride_qn,  # q (Hq, n, D), unit stride on D
     stride_cb, stride_cn,  # cos / sin (1 + Bs, n, D): the per-block query rotation of each token
     stride_vn, stride_vb,  # vis (n, 1 + Bs) int64
     stride_kb, stride_kh, stride_kn,  # k and v (num_blocks, Hkv, capacity, D), same strides
+    stride_k2b, stride_k2h,  # k2 and v2, BOTH only (same stride_kn)
     stride_oc, stride_oh, stride_or,  # partial out (C, Hkv, R, D) float32
     stride_lc, stride_lh,  # partial lse (C, Hkv, R) float32, log base 2
     stride_fh, stride_fr,  # output (Hkv, R, D), MERGE only
     n, num_groups, first_block, block_len, chunk_keys, chunks_per_block, first_chunk, num_chunks, qk_scale,
+    first_block2, block_len2, chunk_keys2, chunks_per_block2, split,  # BOTH only: the second tensor's blocks
     HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    MERGE: tl.constexpr,
+    MERGE: tl.constexpr, ONE_DOT: tl.constexpr, BOTH: tl.constexpr,
 ):
-    """Grid (row tiles, Hkv, num_blocks * chunks_per_block): one chunk of one block for BLOCK_M query rows.
+    """Grid (row tiles, Hkv, num_blocks * chunks_per_block, plus the second tensor's with BOTH): one chunk of one
+    block for BLOCK_M query rows.
 
     Writes out = softmax-weighted values over the chunk's visible keys and lse = log2 of the softmax
     denominator (qk already in log2 units); a row that sees no key of the chunk gets out 0 and lse -inf.
     With MERGE, the program that stores the last of the `num_chunks` partials of its row tile and KV head (over
     every launch of the call) merges them into final_ptr and resets their counter for the next call.
+    With BOTH, one launch covers two cache tensors: programs from `split` on take the chunks of the second.
     """
     tile, h, pid_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    block = pid_c // chunks_per_block  # within this launch's tensor
+    chunk = first_chunk + pid_c  # this program's partial
+    if BOTH:  # noqa: SIM102 - a compile-time branch around a run-time one
+        if pid_c >= split:
+            pid_c -= split
+            k_ptr, v_ptr, stride_kb, stride_kh = k2_ptr, v2_ptr, stride_k2b, stride_k2h
+            first_block, block_len, chunk_keys = first_block2, block_len2, chunk_keys2
+            chunks_per_block = chunks_per_block2
+    block = pid_c // chunks_per_block  # within this program's tensor
     start = (pid_c % chunks_per_block) * chunk_keys
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
     is_row = rows < num_groups * n
@@ -98,27 +115,40 @@ def _chunk_kernel(
 
     # The query rows, rotated from the token's own frame into this block's frame.
     d = tl.arange(0, HALF)
+    dv = tl.arange(0, 2 * HALF)
     q_rows = q_ptr + head * stride_qh + token * stride_qn
-    q1 = tl.load(q_rows[:, None] + d[None, :], mask=is_row[:, None], other=0.0).to(tl.float32)  # (BM, HALF)
-    q2 = tl.load(q_rows[:, None] + HALF + d[None, :], mask=is_row[:, None], other=0.0).to(tl.float32)
     angle = (first_block + block) * stride_cb + token * stride_cn
-    cos = tl.load(cos_ptr + angle[:, None] + d[None, :], mask=is_row[:, None], other=1.0).to(tl.float32)
-    sin = tl.load(sin_ptr + angle[:, None] + d[None, :], mask=is_row[:, None], other=0.0).to(tl.float32)
-    r1 = (q1 * cos - q2 * sin).to(k_ptr.dtype.element_ty)  # (BM, HALF), rounded like the keys for the dot
-    r2 = (q2 * cos + q1 * sin).to(k_ptr.dtype.element_ty)
+    if ONE_DOT:  # r = q cos + rotate_half(q) sin over the whole head: one dot of depth D per key tile
+        partner = (dv + HALF) % (2 * HALF)  # rotate_half(q)[j] = -q[j + D/2] for j < D/2, q[j - D/2] after
+        sign = tl.where(dv < HALF, -1.0, 1.0)
+        q = tl.load(q_rows[:, None] + dv[None, :], mask=is_row[:, None], other=0.0).to(tl.float32)  # (BM, D)
+        q_half = tl.load(q_rows[:, None] + partner[None, :], mask=is_row[:, None], other=0.0).to(tl.float32)
+        cos = tl.load(cos_ptr + angle[:, None] + dv[None, :], mask=is_row[:, None], other=1.0).to(tl.float32)
+        sin = tl.load(sin_ptr + angle[:, None] + dv[None, :], mask=is_row[:, None], other=0.0).to(tl.float32)
+        r = (q * cos + sign[None, :] * q_half * sin).to(k_ptr.dtype.element_ty)  # rounded like the keys
+    else:  # the two halves of the rotation, one dot of depth D/2 each
+        q1 = tl.load(q_rows[:, None] + d[None, :], mask=is_row[:, None], other=0.0).to(tl.float32)  # (BM, HALF)
+        q2 = tl.load(q_rows[:, None] + HALF + d[None, :], mask=is_row[:, None], other=0.0).to(tl.float32)
+        cos = tl.load(cos_ptr + angle[:, None] + d[None, :], mask=is_row[:, None], other=1.0).to(tl.float32)
+        sin = tl.load(sin_ptr + angle[:, None] + d[None, :], mask=is_row[:, None], other=0.0).to(tl.float32)
+        r1 = (q1 * cos - q2 * sin).to(k_ptr.dtype.element_ty)  # (BM, HALF), rounded like the keys for the dot
+        r2 = (q2 * cos + q1 * sin).to(k_ptr.dtype.element_ty)
 
     k_base = k_ptr + block * stride_kb + h * stride_kh
     v_base = v_ptr + block * stride_kb + h * stride_kh
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of qk (log2 units)
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running softmax denominator
     acc = tl.zeros([BLOCK_M, 2 * HALF], tl.float32)
-    dv = tl.arange(0, 2 * HALF)
     for key0 in range(start, end, BLOCK_N):
         keys = key0 + tl.arange(0, BLOCK_N)  # (BN,)
         is_key = keys < end
-        k1 = tl.load(k_base + keys[None, :] * stride_kn + d[:, None], mask=is_key[None, :], other=0.0)  # (HALF, BN)
-        k2 = tl.load(k_base + keys[None, :] * stride_kn + HALF + d[:, None], mask=is_key[None, :], other=0.0)
-        qk = tl.dot(r1, k1, input_precision=DOT_PRECISION) + tl.dot(r2, k2, input_precision=DOT_PRECISION)
+        if ONE_DOT:
+            k = tl.load(k_base + keys[None, :] * stride_kn + dv[:, None], mask=is_key[None, :], other=0.0)  # (D, BN)
+            qk = tl.dot(r, k, input_precision=DOT_PRECISION)
+        else:
+            k1 = tl.load(k_base + keys[None, :] * stride_kn + d[:, None], mask=is_key[None, :], other=0.0)  # (HALF, BN)
+            k2 = tl.load(k_base + keys[None, :] * stride_kn + HALF + d[:, None], mask=is_key[None, :], other=0.0)
+            qk = tl.dot(r2, k2, tl.dot(r1, k1, input_precision=DOT_PRECISION), input_precision=DOT_PRECISION)
         qk = tl.where(keys[None, :] < vis[:, None], qk * qk_scale, float("-inf"))  # (BM, BN)
         m_new = tl.maximum(m_i, tl.max(qk, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet stay at zero
@@ -132,7 +162,6 @@ def _chunk_kernel(
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
-    chunk = first_chunk + pid_c
     out_rows = out_ptr + chunk * stride_oc + h * stride_oh + rows * stride_or
     tl.store(out_rows[:, None] + dv[None, :], out, mask=is_row[:, None])
     tl.store(lse_ptr + chunk * stride_lc + h * stride_lh + rows, lse, mask=is_row)
@@ -263,25 +292,17 @@ def triton_group_attention(
     out = torch.empty((num_kv, rows, dim), dtype=q.dtype, device=q.device)
     merge = bool(MERGE_IN_CHUNKS)
     counters = _counters(q.device, row_tiles * num_kv) if merge else lse  # a placeholder pointer without MERGE
-    first_chunk = 0
+    both = bool(ONE_LAUNCH) and len(launches) == 2
     try:
-        for keys in launches:
-            _chunk_kernel[(row_tiles, num_kv, keys.num_chunks)](
-                q, group.cos, group.sin, group.vis, keys.k, keys.v, partial, lse, out, counters,
-                q.stride(0), q.stride(1),
-                group.cos.stride(0), group.cos.stride(3),
-                group.vis.stride(0), group.vis.stride(1),
-                keys.k.stride(0), keys.k.stride(1), keys.k.stride(2),
-                partial.stride(0), partial.stride(1), partial.stride(2),
-                lse.stride(0), lse.stride(1),
-                out.stride(0), out.stride(1),
-                n, num_groups, keys.first_block, keys.length, keys.chunk_keys,
-                keys.num_chunks // keys.k.shape[0], first_chunk, num_chunks, scale * LOG2_E,
-                HALF=dim // 2, BLOCK_M=block_m, BLOCK_N=BLOCK_N,
-                DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", MERGE=merge,
-                num_stages=STAGES.get(q.dtype, DEFAULT_STAGES), num_warps=CHUNK_WARPS,
-            )
-            first_chunk += keys.num_chunks
+        if both:
+            _launch_chunks(launches[0], launches[1], 0, num_chunks, q, group, partial, lse, out, counters, n,
+                           num_groups, row_tiles, num_kv, scale, block_m, merge)
+        else:
+            first_chunk = 0
+            for keys in launches:
+                _launch_chunks(keys, keys, first_chunk, num_chunks, q, group, partial, lse, out, counters, n,
+                               num_groups, row_tiles, num_kv, scale, block_m, merge)
+                first_chunk += keys.num_chunks
     except BaseException:
         if merge:  # a launch that did not run left its row tiles' counts short: no later call may inherit them
             counters.zero_()
@@ -298,6 +319,34 @@ def triton_group_attention(
         BLOCK_D=merge_dims, BLOCK_R=MERGE_ROWS,
     )
     return out.view(num_q_heads, n, dim)
+
+
+def _launch_chunks(
+    keys: _KeyBlocks, keys2: _KeyBlocks, first_chunk: int, num_chunks: int, q: torch.Tensor, group: GroupPlan,
+    partial: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, counters: torch.Tensor, n: int, num_groups: int,
+    row_tiles: int, num_kv: int, scale: float, block_m: int, merge: bool,
+) -> None:
+    """One launch of the chunk kernel over the chunks of `keys`, then (when `keys2` is another) those of `keys2`."""
+    both = keys2 is not keys
+    assert not both or keys.k.stride(2) == keys2.k.stride(2), "both tensors share the stride between keys"
+    programs = keys.num_chunks + (keys2.num_chunks if both else 0)
+    _chunk_kernel[(row_tiles, num_kv, programs)](
+        q, group.cos, group.sin, group.vis, keys.k, keys.v, partial, lse, out, counters, keys2.k, keys2.v,
+        q.stride(0), q.stride(1),
+        group.cos.stride(0), group.cos.stride(3),
+        group.vis.stride(0), group.vis.stride(1),
+        keys.k.stride(0), keys.k.stride(1), keys.k.stride(2),
+        keys2.k.stride(0), keys2.k.stride(1),
+        partial.stride(0), partial.stride(1), partial.stride(2),
+        lse.stride(0), lse.stride(1),
+        out.stride(0), out.stride(1),
+        n, num_groups, keys.first_block, keys.length, keys.chunk_keys,
+        keys.num_chunks // keys.k.shape[0], first_chunk, num_chunks, scale * LOG2_E,
+        keys2.first_block, keys2.length, keys2.chunk_keys, keys2.num_chunks // keys2.k.shape[0], keys.num_chunks,
+        HALF=q.shape[-1] // 2, BLOCK_M=block_m, BLOCK_N=BLOCK_N,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", MERGE=merge, ONE_DOT=bool(ONE_DOT), BOTH=both,
+        num_stages=STAGES.get(q.dtype, DEFAULT_STAGES), num_warps=CHUNK_WARPS,
+    )
 
 
 _COUNTERS: dict[torch.device, list[torch.Tensor]] = {}

@@ -93,6 +93,18 @@ def random_group(
     return group, q, inv_freq
 
 
+@pytest.fixture(params=[(0, 0), (1, 0), (0, 1), (1, 1)], ids=["two-dots", "one-dot", "two-dots-one-launch",
+                                                                "one-dot-one-launch"])
+def variant(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> tuple[int, int]:
+    """Every kernel variant: scores in two dots of depth D/2 (the rotated query's halves) or one of depth D, and
+    the common and small blocks in a launch each or in one launch."""
+    one_dot, one_launch = request.param
+    monkeypatch.setattr(triton_attention, "ONE_DOT", one_dot)
+    monkeypatch.setattr(triton_attention, "ONE_LAUNCH", one_launch)
+    return request.param
+
+
+@pytest.mark.usefixtures("variant")
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("num_q_heads,num_kv_heads", [(2, 2), (4, 2), (6, 2)])
 @pytest.mark.parametrize("seed", range(3))
@@ -112,6 +124,7 @@ def test_triton_matches_reference_and_torch_path(
     torch.testing.assert_close(out.float(), fast.float(), atol=tol, rtol=tol)
 
 
+@pytest.mark.usefixtures("variant")
 @pytest.mark.parametrize("chunk_keys", [None, BLOCK_N, 2 * BLOCK_N, 64 * BLOCK_N])
 def test_the_key_split_does_not_change_the_output(chunk_keys: int | None) -> None:
     """One chunk per block, many chunks, or the default split: the log-sum-exp merge gives one softmax."""
@@ -123,6 +136,7 @@ def test_the_key_split_does_not_change_the_output(chunk_keys: int | None) -> Non
     torch.testing.assert_close(out, reference_group_attention(group, 0, q, 0.125, inv_freq), atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.usefixtures("variant")
 @pytest.mark.parametrize("seed", range(3))
 def test_slots_beyond_a_blocks_length_are_never_read(seed: int) -> None:
     """NaN in every unwritten cache slot leaves the output finite and equal to the reference."""
@@ -139,12 +153,15 @@ def merge_in_chunks(monkeypatch: pytest.MonkeyPatch) -> torch.Tensor:
     return triton_attention._counters(torch.device(DEVICE), 1)
 
 
+@pytest.mark.parametrize("one_launch", [0, 1])
 @pytest.mark.parametrize("chunk_keys", [None, BLOCK_N, 2 * BLOCK_N])
 def test_merging_in_the_last_chunk_program_gives_the_same_output(
-    merge_in_chunks: torch.Tensor, chunk_keys: int | None
+    merge_in_chunks: torch.Tensor, chunk_keys: int | None, one_launch: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Layouts of one or two launches and one or many chunks per block, merged without a merge launch, one call
-    after the other: each matches the reference, so every call finds its counters at zero."""
+    """Layouts of one or two tensors (in a launch each or in one) and one or many chunks per block, merged without
+    a merge launch, one call after the other: each matches the reference, so every call finds its counters at
+    zero."""
+    monkeypatch.setattr(triton_attention, "ONE_LAUNCH", one_launch)
     for seed, (num_q_heads, num_kv_heads) in enumerate([(6, 2), (4, 1), (8, 2), (2, 2)]):
         group, q, inv_freq = random_group(seed, num_q_heads, num_kv_heads, 64, torch.float32)
 
@@ -160,6 +177,7 @@ def test_a_failed_launch_leaves_no_counts_behind(
 ) -> None:
     """When the small blocks' launch fails after the common block's ran, the counts the common chunks left are
     cleared: the next call merges when its own chunks are done, not early."""
+    monkeypatch.setattr(triton_attention, "ONE_LAUNCH", 0)
     group, q, inv_freq = random_group(1, 4, 2, 64, torch.float32)
     assert group.small_len, "the layout should take two launches"
     kernel = triton_attention._chunk_kernel
@@ -223,7 +241,7 @@ def with_triton_backend(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_engine_session_with_triton_equals_torch_path(tiny_model_factory: Callable[..., Path]) -> None:
     """A whole 2-worker greedy session gives the same tokens through either backend."""
     path = tiny_model_factory("llama", head_dim=64)
-    engine = Engine.load(EngineConfig(model=str(path), device=DEVICE, dtype="float32"))
+    engine = Engine.load(EngineConfig(model=str(path), device=DEVICE, dtype="float32", cuda_graphs=False))
     request = SessionRequest(
         prompt="Count to five.", num_workers=2, max_tokens=6, sampling=SamplingParams(temperature=0.0),
         final_answer=False,
