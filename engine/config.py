@@ -126,8 +126,8 @@ class EngineConfig:
         cache's most, engine.cache.held_tokens_bound); 0 means no budget.
     prefix_cache_tokens: prompt KV tokens kept across sessions for prompts that start alike
         (engine.prefix_cache), on top of the budget; 0 turns prefix caching off.
-    cuda_graphs: replay decode steps from CUDA graphs (engine.decode_graphs) on a CUDA device with the Triton
-        attention; ignored elsewhere.
+    cuda_graphs: replay decode steps from CUDA graphs (engine.decode_graphs), which needs a CUDA device and the
+        Triton attention. None: wherever that holds; True: asked for (a warning where it does not hold); False: off.
     """
 
     model: str = DEFAULT_MODEL
@@ -138,7 +138,7 @@ class EngineConfig:
     max_sessions: int = DEFAULT_MAX_SESSIONS
     cache_budget_tokens: int = 0
     prefix_cache_tokens: int = DEFAULT_PREFIX_CACHE_TOKENS
-    cuda_graphs: bool = False
+    cuda_graphs: bool | None = None
 
     def validate(self) -> None:
         if self.dtype is not None and self.dtype not in SUPPORTED_DTYPES:

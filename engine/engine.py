@@ -77,7 +77,8 @@ class Engine:
         self._reserved: dict[str, int] = {}
         self.prefix_cache = PrefixCache(self.config.prefix_cache_tokens)
         self.graphs: DecodeGraphs | None = None  # replays decode forwards; see engine.decode_graphs
-        if self.config.cuda_graphs and model.device.type == "cuda" and self.attention == "triton":
+        graphs_apply = model.device.type == "cuda" and self.attention == "triton"
+        if graphs_apply and self.config.cuda_graphs is not False:
             self.graphs = DecodeGraphs(self.forward_logits)
         elif self.config.cuda_graphs:
             log.warning("decode graphs replay the Triton attention on a CUDA device (this engine: %s, %s attention); "

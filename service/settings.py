@@ -65,10 +65,10 @@ class Settings(BaseSettings):
         ge=0,
         description="prompt KV tokens kept for reuse by prompts that start alike, on top of the budget (0: off)",
     )
-    cuda_graphs: bool = Field(
-        False,
-        description="replay decode steps from CUDA graphs on a CUDA GPU, each capture checked against an eager step "
-        "(not yet measured on a GPU, so off by default)",
+    cuda_graphs: bool | None = Field(
+        None,
+        description="replay decode steps from CUDA graphs, each capture checked against an eager step (unset: on "
+        "for a CUDA GPU with the Triton attention; true: warn where that does not hold; false: off)",
     )
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list,

@@ -64,7 +64,9 @@ def engine_and_eager(tiny_model_factory: Callable[..., Path]) -> Iterator[tuple[
     with pytest.MonkeyPatch.context() as patch:
         patch.setitem(attention.BACKENDS, "triton", triton_group_attention)
         path = tiny_model_factory("llama", head_dim=64)
-        engine = Engine.load(EngineConfig(model=str(path), device=DEVICE, dtype="float32", prefix_cache_tokens=0))
+        engine = Engine.load(EngineConfig(
+            model=str(path), device=DEVICE, dtype="float32", prefix_cache_tokens=0, cuda_graphs=False
+        ))
         engine.attention = "triton"
         yield engine, session_tokens(engine)
 
@@ -174,3 +176,14 @@ def test_an_engine_configured_for_cuda_graphs_replays_them_to_the_same_session(
     assert graphs is not None, "cuda_graphs on a CUDA device with the Triton attention sets up decode graphs"
     assert session_tokens(engine) == eager
     assert graphs.enabled and graphs.captures >= 1 and graphs.replays >= 4
+
+
+@pytest.mark.gpu
+def test_decode_graphs_are_on_by_default_on_a_cuda_device_and_off_when_turned_off(
+    engine_and_eager: tuple[Engine, Tokens],
+) -> None:
+    loaded, eager = engine_and_eager
+    assert Engine(loaded.model, EngineConfig(prefix_cache_tokens=0)).graphs is not None
+    engine = Engine(loaded.model, EngineConfig(cuda_graphs=False, prefix_cache_tokens=0))
+    assert engine.graphs is None
+    assert session_tokens(engine) == eager

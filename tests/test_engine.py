@@ -469,6 +469,15 @@ def test_decode_graphs_asked_for_off_a_cuda_device_are_declined_with_a_warning(
     assert isinstance(events[-1], DoneEvent)
 
 
+def test_decode_graphs_left_to_the_engine_stay_off_a_cuda_device_without_a_warning(
+    tiny_engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="engine.engine"):
+        engine = Engine(tiny_engine.model, EngineConfig())
+    assert engine.config.cuda_graphs is None and engine.graphs is None
+    assert not caplog.records
+
+
 def test_small_blocks_are_allocated_in_small_chunks() -> None:
     """Labels and current steps share one allocation of workers + 2 blocks: each holds what a step needs, not a
     common-block-sized chunk."""

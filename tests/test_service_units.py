@@ -90,6 +90,8 @@ def test_engine_config_carries_every_engine_setting(clean_env: pytest.MonkeyPatc
     assert dataclasses.asdict(config) == {**values, "cuda_graphs": True}
     assert all(getattr(EngineConfig(), name) != value for name, value in values.items())
     clean_env.delenv("HOGWILD_CUDA_GRAPHS")
+    assert Settings().engine_config().cuda_graphs is None  # unset: the engine decides (on where graphs apply)
+    clean_env.setenv("HOGWILD_CUDA_GRAPHS", "false")
     assert Settings().engine_config().cuda_graphs is False
 
 
