@@ -12,7 +12,7 @@ soon as it is done, so a run cut short keeps what finished):
 Nothing is downloaded: models are built from configs with random weights (speed does not depend on weight
 values) and a word-level tokenizer is built in memory ("w17" is token 17), so prompts are random token ids.
 Random weights never write a sentence end and a blank line, so no step ends: every worker's block only grows.
-Rows that would start after --budget-s are listed as skipped.
+Rows of section 3 that would start more than --budget-s seconds into it are listed as skipped.
 
     python bench/bench_gpu.py                 # on the GPU machine (about 2 minutes on an H200)
     python bench/bench_gpu.py --smoke         # anywhere, tiny shapes, seconds (CPU: Triton's interpreter)
@@ -21,6 +21,7 @@ Rows that would start after --budget-s are listed as skipped.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import random
 import sys
@@ -83,7 +84,7 @@ class Plan:
     check_layouts: int  # random layouts per dtype in the kernel check
     check_common: int  # longest common block of the random layouts
     check_tokens: int  # greedy tokens per worker in the engine-level check
-    deadline: float  # time.perf_counter() after which no new row starts
+    row_budget_s: float  # seconds into the throughput section after which no new row starts
 
 
 class Report:
@@ -180,19 +181,19 @@ def register_triton_backend() -> None:
 
 
 def kernel_check(plan: Plan) -> tuple[str, bool]:
-    """Triton vs reference on random layouts, per dtype and way of merging: the worst error against its tolerance.
+    """Triton vs reference on random layouts, per dtype and kernel variant: the worst error against its tolerance.
 
-    Both merges are checked whichever is the default: the tuner may pick either on this GPU."""
+    Every variant is checked whichever is the default: the tuner may pick any of them on this GPU."""
     import engine.triton_attention as kernel
 
     triton_group_attention = attention.BACKENDS["triton"]
     dtypes = [torch.bfloat16, torch.float16, torch.float32] if plan.device.type == "cuda" else [torch.float32]
-    lines = ["| dtype | merge | layouts | max abs error vs reference | tolerance | result |",
-             "|---|---|---:|---:|---:|---|"]
-    ok, default_merge = True, kernel.MERGE_IN_CHUNKS
+    lines = ["| dtype | scores | launches | merge | layouts | max abs error vs reference | tolerance | result |",
+             "|---|---|---|---|---:|---:|---:|---|"]
+    ok, defaults = True, (kernel.ONE_DOT, kernel.ONE_LAUNCH, kernel.MERGE_IN_CHUNKS)
     try:
-        for dtype, merge in ((dtype, merge) for dtype in dtypes for merge in (0, 1)):
-            kernel.MERGE_IN_CHUNKS = merge
+        for dtype, one_dot, one_launch, merge in itertools.product(dtypes, (0, 1), (0, 1), (0, 1)):
+            kernel.ONE_DOT, kernel.ONE_LAUNCH, kernel.MERGE_IN_CHUNKS = one_dot, one_launch, merge
             rng, worst, passed, tol = random.Random(0), 0.0, True, TOLERANCE[dtype]
             for _ in range(plan.check_layouts):
                 group, q, inv_freq = random_layout_group(rng, dtype, plan)
@@ -204,18 +205,21 @@ def kernel_check(plan: Plan) -> tuple[str, bool]:
                 passed &= bool((error <= tol + tol * reference.abs()).all())  # torch.testing.assert_close's rule
             ok &= passed
             name = str(dtype).removeprefix("torch.")
+            scores = "one dot" if one_dot else "two dots"
+            launches = "one for all blocks" if one_launch else "common, small"
             how = "in chunk programs" if merge else "own launch"
             result = "ok" if passed else "FAIL"
-            lines.append(f"| {name} | {how} | {plan.check_layouts} | {worst:.2e} | {tol:.0e} | {result} |")
+            lines.append(f"| {name} | {scores} | {launches} | {how} | {plan.check_layouts} | {worst:.2e} | {tol:.0e} "
+                         f"| {result} |")
     finally:
-        kernel.MERGE_IN_CHUNKS = default_merge
+        kernel.ONE_DOT, kernel.ONE_LAUNCH, kernel.MERGE_IN_CHUNKS = defaults
     return "\n".join(lines), ok
 
 
 def session_check(plan: Plan) -> tuple[str, bool]:
     """A 4-worker greedy session of a tiny random Llama (float32) through both backends: same tokens."""
     model = random_model("llama", TINY | {"hidden_size": 256}, 2, torch.float32, plan.device)  # 4 heads x 64
-    engine = Engine(model, EngineConfig(max_tokens=plan.check_tokens))
+    engine = Engine(model, EngineConfig(max_tokens=plan.check_tokens, cuda_graphs=False))  # graphs: set below
     prompt = words(random.Random(1), 40, TINY["vocab_size"])
     request = SessionRequest(
         prompt=prompt, num_workers=4, max_tokens=plan.check_tokens, sampling=GREEDY, redundancy_check_every=0,
@@ -321,7 +325,7 @@ def warm_up(engine: Engine, plan: Plan, graphs: bool) -> None:
 def throughput_table(plan: Plan, dtype: torch.dtype, backend: str) -> str:
     """One row per (context, workers); a row that fails (say, out of memory) says so and the table goes on."""
     m = random_model("qwen3", plan.shape, plan.layers, dtype, plan.device)
-    engine = Engine(m, EngineConfig(max_tokens=100_000))
+    engine = Engine(m, EngineConfig(max_tokens=100_000, cuda_graphs=False))  # each run sets its own
     engine.attention = backend
     graphs = backend == "triton" and plan.device.type == "cuda"  # decode graphs replay Triton launches only
     warm_up(engine, plan, graphs)
@@ -339,19 +343,21 @@ def throughput_table(plan: Plan, dtype: torch.dtype, backend: str) -> str:
         "HF generate tok/s (vs 1 sequence) | Hogwild / HF | with graphs / HF |",
         "|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    deadline = time.perf_counter() + plan.row_budget_s
     for context in plan.contexts:
         base: dict[str, float] = {}
         for workers in plan.workers:
-            lines.append(throughput_row(engine, plan, context, workers, base, graphs))
+            lines.append(throughput_row(engine, plan, context, workers, base, graphs, deadline))
             print("  " + lines[-1], flush=True)
     return "\n".join(lines)
 
 
 def throughput_row(
-    engine: Engine, plan: Plan, context: int, workers: int, base: dict[str, float], graphs: bool
+    engine: Engine, plan: Plan, context: int, workers: int, base: dict[str, float], graphs: bool, deadline: float
 ) -> str:
-    """One markdown row; `base` keeps the context's 1-worker results for the speedup columns."""
-    if time.perf_counter() > plan.deadline:
+    """One markdown row; `base` keeps the context's 1-worker results for the speedup columns. No row starts after
+    `deadline` (time.perf_counter())."""
+    if time.perf_counter() > deadline:
         return f"| {context} | {workers} | skipped (time budget) | | | | |"
     rates: dict[str, float] = {}
     graphs_failure = "n/a"
@@ -388,19 +394,18 @@ def throughput_row(
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
-    deadline = time.perf_counter() + args.budget_s
     if args.smoke:
         return Plan(
             device=torch.device("cuda" if torch.cuda.is_available() else "cpu"), layers=2, contexts=[64, 200],
             workers=[1, 2], steps=3, shape=TINY, shape_name="tiny Qwen3", check_layouts=2, check_common=150,
-            check_tokens=4, deadline=deadline,
+            check_tokens=4, row_budget_s=args.budget_s,
         )
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run with --smoke to check the script on CPU")
     return Plan(
         device=torch.device("cuda"), layers=args.layers, contexts=[1024, 16384, 4096], workers=[1, 2, 4, 8],
         steps=args.steps, shape=QWEN3_8B, shape_name="Qwen3-8B-shaped", check_layouts=8, check_common=3000,
-        check_tokens=48, deadline=deadline,
+        check_tokens=48, row_budget_s=args.budget_s,
     )
 
 
@@ -426,7 +431,8 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, any device, seconds")
     parser.add_argument("--layers", type=int, default=36, help="decoder layers of the Qwen3-8B-shaped model")
     parser.add_argument("--steps", type=int, default=32, help="timed decode steps per throughput run")
-    parser.add_argument("--budget-s", type=float, default=450.0, help="no new benchmark row starts after this")
+    parser.add_argument("--budget-s", type=float, default=300.0,
+                        help="seconds into the tokens/s section after which no new row starts")
     parser.add_argument("--no-throughput", action="store_true", help="sections 1 and 2 only (kernel work)")
     args = parser.parse_args()
     plan = make_plan(args)
