@@ -292,7 +292,8 @@ def triton_group_attention(
     out = torch.empty((num_kv, rows, dim), dtype=q.dtype, device=q.device)
     merge = bool(MERGE_IN_CHUNKS)
     counters = _counters(q.device, row_tiles * num_kv) if merge else lse  # a placeholder pointer without MERGE
-    both = bool(ONE_LAUNCH) and len(launches) == 2
+    # One launch takes both tensors' strides through the same kernel variables, so they must share an int width.
+    both = bool(ONE_LAUNCH) and len(launches) == 2 and max(keys.k.stride(0) for keys in launches) < 2**31
     try:
         if both:
             _launch_chunks(launches[0], launches[1], 0, num_chunks, q, group, partial, lse, out, counters, n,
