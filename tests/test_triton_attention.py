@@ -7,6 +7,7 @@ covered; bfloat16 runs on CUDA only.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import subprocess
@@ -134,6 +135,42 @@ def test_the_key_split_does_not_change_the_output(chunk_keys: int | None) -> Non
     out = triton_group_attention(group, 0, q, 0.125, inv_freq, chunk_keys=chunk_keys)
 
     torch.testing.assert_close(out, reference_group_attention(group, 0, q, 0.125, inv_freq), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("merge", [0, 1])
+@pytest.mark.parametrize("one_launch", [0, 1])
+@pytest.mark.parametrize("seed", [1, 9, 11])  # layouts whose common block and small blocks both span chunks
+def test_the_two_tensors_may_split_their_keys_differently(
+    seed: int, one_launch: int, merge: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As in a long session, the common block and the small blocks get chunks of different sizes (here the small
+    blocks' are the longer, so a program that kept the common block's split would miss keys). With ONE_LAUNCH
+    both take one launch, whose later programs must use the small blocks' own split; otherwise a launch each."""
+    monkeypatch.setattr(triton_attention, "ONE_LAUNCH", one_launch)
+    monkeypatch.setattr(triton_attention, "MERGE_IN_CHUNKS", merge)
+    launches_of = triton_attention._launches
+
+    def uneven_launches(*args: object) -> list[object]:
+        common, small = launches_of(*args)
+        return [dataclasses.replace(common, chunk_keys=BLOCK_N), dataclasses.replace(small, chunk_keys=2 * BLOCK_N)]
+
+    grids = []
+    kernel = triton_attention._chunk_kernel
+
+    class CountedKernel:
+        def __getitem__(self, grid: tuple[int, ...]) -> Callable[..., None]:
+            grids.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(triton_attention, "_launches", uneven_launches)
+    monkeypatch.setattr(triton_attention, "_chunk_kernel", CountedKernel())
+    group, q, inv_freq = random_group(seed, 4, 2, 64, torch.float32)
+    assert group.common_len > 2 * BLOCK_N and group.small_len > BLOCK_N, "both tensors should span several chunks"
+
+    out = triton_group_attention(group, 0, q, 0.125, inv_freq)
+
+    torch.testing.assert_close(out, reference_group_attention(group, 0, q, 0.125, inv_freq), atol=2e-5, rtol=2e-5)
+    assert len(grids) == (1 if one_launch else 2)
 
 
 @pytest.mark.usefixtures("variant")
