@@ -66,12 +66,12 @@ def tune(device: torch.device, budget_s: float, only: set[str] | None = None) ->
     import engine.triton_attention as kernel
 
     sweeps = [(group, values) for group, values in SWEEPS if only is None or only & set(group)]
-
-    deadline = time.perf_counter() + budget_s
     baseline = {case: sdpa_micros(*case, QWEN3_8B_HEADS, device) for case in CASES}
+    deadline = time.perf_counter() + budget_s
     names = [name for group, _ in SWEEPS for name in group]
     best = {name: getattr(kernel, name) for name in names}
     tried: dict[tuple[int, ...], float] = {}
+    skipped: set[tuple[int, ...]] = set()  # configurations the time budget left unmeasured
     case_names = " | ".join(f"{c // 1024}k x {w} (us)" for c, w in CASES)
     sdpa = ", ".join(f"{c // 1024}k x {w}: {us:.1f} us" for (c, w), us in baseline.items())
     print(f"Triton attention launch parameters, {device_name(device)}, bfloat16, {QWEN3_8B_HEADS}; GPU time per "
@@ -85,6 +85,7 @@ def tune(device: torch.device, budget_s: float, only: set[str] | None = None) ->
             key = tuple(config[n] for n in names)
             if key not in tried:
                 if time.perf_counter() > deadline:
+                    skipped.add(key)
                     continue
                 for n, v in config.items():
                     setattr(kernel, n, v)
@@ -106,9 +107,9 @@ def tune(device: torch.device, budget_s: float, only: set[str] | None = None) ->
     for n, v in best.items():
         setattr(kernel, n, v)
     chosen = ", ".join(f"{n} = {v}" for n, v in best.items())
-    skipped = sum(len(c) for _, c in sweeps) - len(tried)
-    print(f"\nBest: {chosen} (geomean {tried[tuple(best.values())]:.2f}x SDPA)"
-          + (f"; {skipped} configurations skipped by the time budget" if skipped > 0 else ""))
+    score = tried.get(tuple(best.values()))
+    print(f"\nBest: {chosen} " + (f"(geomean {score:.2f}x SDPA)" if score is not None else "(not measured)")
+          + (f"; {len(skipped)} configurations skipped by the time budget" if skipped else ""))
     return best
 
 
