@@ -14,6 +14,7 @@ import contextlib
 import enum
 import logging
 import multiprocessing
+import multiprocessing.connection
 import signal
 import threading
 import time
@@ -53,6 +54,7 @@ POLL_SECONDS = 0.25  # how often the reader checks that the engine process is al
 RESTART_DELAY_SECONDS = 1.0
 MAX_FAILED_STARTS = 3  # consecutive engine processes that died before becoming ready; then give up
 STOP_TIMEOUT_SECONDS = 10.0
+REAP_SECONDS = 1.0  # how long an exiting process (its pipe closed) gets to become reapable
 EXIT_STATUS_WAIT_SECONDS = 1.0  # how long a process whose pipe closed gets to exit, so its exit status can be read
 ENGINE_LOST_MESSAGE = "the engine process stopped unexpectedly; it is restarting, retry shortly"
 
@@ -84,10 +86,37 @@ class EngineProcess:
         )
         self._is_stopping = False
         self._reader: threading.Thread | None = None
+        # The reader, the stopping thread and the event loop all ask for the exit status. Two threads reaping at
+        # once leave the one that loses believing a reaped process alive (its waitpid fails), so reaping is
+        # serialised; waiting for the process to end is not, so no thread holds the lock while it waits.
+        self._reap_lock = threading.Lock()
 
     @property
     def pid(self) -> int | None:
         return self.process.pid
+
+    def exit_code(self, wait_seconds: float = 0.0) -> int | None:
+        """The process's exit code (negative: the signal that ended it), or None while it runs or before it
+        started; waits up to `wait_seconds` for it to end. Safe from any thread."""
+        if self.process.pid is None:
+            return None
+        if wait_seconds > 0:
+            multiprocessing.connection.wait([self.process.sentinel], wait_seconds)
+        with self._reap_lock:
+            if self.process.exitcode is None and multiprocessing.connection.wait([self.process.sentinel], 0):
+                # Its pipe closed as it exits: reapable a moment from now, unless the exit hangs in the kernel.
+                deadline = time.monotonic() + REAP_SECONDS
+                while self.process.exitcode is None and time.monotonic() < deadline:
+                    time.sleep(0.005)
+            return self.process.exitcode
+
+    def is_alive(self) -> bool:
+        return self.process.pid is not None and self.exit_code() is None
+
+    def kill(self) -> None:
+        with self._reap_lock:
+            if self.process.pid is not None and self.process.exitcode is None:
+                self.process.kill()
 
     def start(self, on_reply: Callable[[Reply], None], on_exit: Callable[[], None]) -> None:
         """Starts the process (blocking: spawn) and the reader thread that calls `on_reply` for every reply and
@@ -109,13 +138,13 @@ class EngineProcess:
         """Asks the engine to exit within `grace_seconds` (0: no asking), killing it if it does not (it ignores
         SIGTERM, see run_engine_process); then releases the channels. Blocking."""
         self._is_stopping = True
-        if self.process.is_alive() and grace_seconds > 0:
+        if self.is_alive() and grace_seconds > 0:
             self.send(Shutdown())
-            self.process.join(grace_seconds)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join(STOP_TIMEOUT_SECONDS)
-            if self.process.is_alive():  # stuck in the kernel (a hung device driver): nothing more to do here
+            self.exit_code(grace_seconds)
+        if self.is_alive():
+            self.kill()
+            self.exit_code(STOP_TIMEOUT_SECONDS)
+            if self.is_alive():  # stuck in the kernel (a hung device driver): nothing more to do here
                 logger.error("engine process %s did not exit %g s after SIGKILL", self.pid, STOP_TIMEOUT_SECONDS)
         if self._reader is not None and self._reader is not threading.current_thread():
             self._reader.join(POLL_SECONDS * 4)
@@ -125,7 +154,7 @@ class EngineProcess:
         commands, self._commands = self._commands, None
         if commands is not None:
             commands.close()
-            if self.process.exitcode == 0:
+            if self.exit_code() == 0:
                 commands.join_thread()
             else:
                 commands.cancel_join_thread()
@@ -141,10 +170,10 @@ class EngineProcess:
                     reply = self._replies.recv()
                     if not self._is_stopping:
                         on_reply(reply)
-                elif not self.process.is_alive():
+                elif not self.is_alive():
                     break
             except (EOFError, OSError):  # the pipe closed: the process is exiting; its status tells how it ended
-                self.process.join(EXIT_STATUS_WAIT_SECONDS)
+                self.exit_code(EXIT_STATUS_WAIT_SECONDS)
                 break
             except Exception:  # a garbled reply means the engine cannot be trusted any more
                 logger.exception("reading from the engine process failed; restarting it")
@@ -336,7 +365,7 @@ class EngineBridge:
         if process is not self._process or self._is_stopping or self.state is EngineState.FAILED:
             return
         was_ready = self.state is EngineState.READY
-        how = exit_description(process.process.exitcode)
+        how = exit_description(process.exit_code())
         self.state = EngineState.DOWN
         self.status_message = f"the engine process {how}; restarting"
         logger.error("engine process %s %s", process.pid, how)
