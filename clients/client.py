@@ -300,12 +300,22 @@ def _transport_errors(base_url: str) -> Iterator[None]:
         raise HogwildConnectionError(f"cannot talk to {base_url}: {detail}") from exc
 
 
-def _headers(api_key: str | None) -> dict[str, str]:
-    """The Authorization header for `api_key`, trimmed (a key read from a file often ends in a newline). A key
-    that cannot be a header value is refused here, without echoing it: error messages end up in logs."""
-    key = (api_key or "").strip()
+def normalized_api_key(key: str | None) -> str | None:
+    """`key` as an Authorization header carries it, for the client and the server alike: trimmed (a key read from a
+    file often ends in a newline), None when empty. Raises ValueError for a key no header can carry, without
+    echoing it: error messages end up in logs."""
+    key = (key or "").strip()
     if key and not API_KEY_CHARACTERS.fullmatch(key):
-        raise HogwildClientError("the API key may only hold printable ASCII characters without spaces")
+        raise ValueError("may only hold printable ASCII characters without spaces: it is sent as a header")
+    return key or None
+
+
+def _headers(api_key: str | None) -> dict[str, str]:
+    """The Authorization header for `api_key` (see normalized_api_key); none without a key."""
+    try:
+        key = normalized_api_key(api_key)
+    except ValueError as exc:
+        raise HogwildClientError(f"the API key {exc}") from None
     return {"Authorization": f"Bearer {key}"} if key else {}
 
 

@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from clients.client import API_KEY_CHARACTERS
+from clients.client import normalized_api_key
 from engine.config import (
     DEFAULT_MAX_SESSIONS,
     DEFAULT_MODEL,
@@ -89,15 +89,10 @@ class Settings(BaseSettings):
     @field_validator("api_key", mode="before")
     @classmethod
     def _key_a_header_can_carry(cls, value: object) -> object:
-        """The key as clients send it in their Authorization header: trimmed (a key read from a file often ends
-        in a newline), printable ASCII. An empty key (`--api-key ""`, as an empty HOGWILD_API_KEY already is)
-        means no key, not a lock that an empty bearer token opens."""
-        if not isinstance(value, str):
-            return value
-        key = value.strip()
-        if key and not API_KEY_CHARACTERS.fullmatch(key):
-            raise ValueError("may only hold printable ASCII characters without spaces: clients send it as a header")
-        return key or None
+        """The key as clients send it in their Authorization header (clients.client.normalized_api_key). An empty
+        key (`--api-key ""`, as an empty HOGWILD_API_KEY already is) means no key, not a lock that an empty bearer
+        token opens."""
+        return normalized_api_key(value) if isinstance(value, str) else value
 
     @field_validator("cors_origins", mode="before")
     @classmethod
