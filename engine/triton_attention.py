@@ -301,7 +301,7 @@ def triton_group_attention(
         else:
             first_chunk = 0
             for keys in launches:
-                _launch_chunks(keys, keys, first_chunk, num_chunks, q, group, partial, lse, out, counters, n,
+                _launch_chunks(keys, None, first_chunk, num_chunks, q, group, partial, lse, out, counters, n,
                                num_groups, row_tiles, num_kv, scale, block_m, merge)
                 first_chunk += keys.num_chunks
     except BaseException:
@@ -323,14 +323,14 @@ def triton_group_attention(
 
 
 def _launch_chunks(
-    keys: _KeyBlocks, keys2: _KeyBlocks, first_chunk: int, num_chunks: int, q: torch.Tensor, group: GroupPlan,
-    partial: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, counters: torch.Tensor, n: int, num_groups: int,
-    row_tiles: int, num_kv: int, scale: float, block_m: int, merge: bool,
+    keys: _KeyBlocks, second: _KeyBlocks | None, first_chunk: int, num_chunks: int, q: torch.Tensor,
+    group: GroupPlan, partial: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, counters: torch.Tensor, n: int,
+    num_groups: int, row_tiles: int, num_kv: int, scale: float, block_m: int, merge: bool,
 ) -> None:
-    """One launch of the chunk kernel over the chunks of `keys`, then (when `keys2` is another) those of `keys2`."""
-    both = keys2 is not keys
-    assert not both or keys.k.stride(2) == keys2.k.stride(2), "both tensors share the stride between keys"
-    programs = keys.num_chunks + (keys2.num_chunks if both else 0)
+    """One launch of the chunk kernel over the chunks of `keys`, then (when given) those of `second`."""
+    keys2 = second or keys  # without a second tensor its arguments are placeholders the kernel never reads
+    assert keys.k.stride(2) == keys2.k.stride(2), "both tensors share the stride between keys"
+    programs = keys.num_chunks + (second.num_chunks if second else 0)
     _chunk_kernel[(row_tiles, num_kv, programs)](
         q, group.cos, group.sin, group.vis, keys.k, keys.v, partial, lse, out, counters, keys2.k, keys2.v,
         q.stride(0), q.stride(1),
@@ -345,7 +345,8 @@ def _launch_chunks(
         keys.num_chunks // keys.k.shape[0], first_chunk, num_chunks, scale * LOG2_E,
         keys2.first_block, keys2.length, keys2.chunk_keys, keys2.num_chunks // keys2.k.shape[0], keys.num_chunks,
         HALF=q.shape[-1] // 2, BLOCK_M=block_m, BLOCK_N=BLOCK_N,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", MERGE=merge, ONE_DOT=bool(ONE_DOT), BOTH=both,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", MERGE=merge, ONE_DOT=bool(ONE_DOT),
+        BOTH=second is not None,
         num_stages=STAGES.get(q.dtype, DEFAULT_STAGES), num_warps=CHUNK_WARPS,
     )
 
