@@ -28,7 +28,7 @@ from engine.decode_graphs import DecodeGraphs
 from engine.errors import CapacityError, ContextLengthError, InvalidRequestError
 from engine.events import ErrorEvent, Event, WorkerView
 from engine.model import LoadedModel, load_model
-from engine.plan import ForwardPlan, build_forward
+from engine.plan import ForwardPlan, build_forward, reserve_runs
 from engine.prefix_cache import PAGE_TOKENS, PrefixCache
 from engine.sampling import make_generator, sample
 from engine.session import FINISHER_MAX_TOKENS, Session
@@ -307,7 +307,9 @@ class Engine:
         batch = []
         for session in self._scheduled():
             try:
-                batch.append((session, session.runs()))
+                runs = session.runs()
+                reserve_runs(session.cache, runs)
+                batch.append((session, runs))
             except Exception as exc:
                 log.exception("planning the next forward of session %s failed", session.id)
                 failed += self._fail([session], exc)

@@ -101,6 +101,13 @@ def _run_tables(run: Run, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
     return offset.expand(n, -1).clone(), vis
 
 
+def reserve_runs(cache: SessionCache, runs: list[Run]) -> None:
+    """Grows `cache` so every run's block holds the tokens it writes (nothing to do when they fit). The engine
+    calls this per session before building a forward, so a session whose cache cannot grow fails alone."""
+    for run in runs:
+        cache.reserve(run.block, run.start + len(run.token_ids))
+
+
 def build_group(
     runs: list[Run], cache: SessionCache, rows: slice, inv_freq: torch.Tensor, dtype: torch.dtype
 ) -> GroupPlan:
@@ -113,10 +120,9 @@ def build_group(
     own_offset = offset.gather(1, blocks[:, None])  # (n, 1)
     delta = torch.where(vis > 0, own_offset - offset, 0)  # (n, B)
     positions = torch.cat([torch.arange(r.start, r.start + len(r.token_ids)) for r in runs])
+    reserve_runs(cache, runs)
     for run in runs:
-        end = run.start + len(run.token_ids)
-        cache.reserve(run.block, end)
-        cache.lengths[run.block] = max(cache.lengths[run.block], end)
+        cache.lengths[run.block] = max(cache.lengths[run.block], run.start + len(run.token_ids))
     common_len = int(vis[:, 0].max())
     small_len = int(vis[:, 1:].max()) if vis.shape[1] > 1 else 0
     if common_len > cache.common_k.shape[2] or small_len > cache.small_k.shape[3]:  # kernels read what views say

@@ -160,19 +160,49 @@ def test_a_failed_forward_fails_its_sessions_and_the_engine_goes_on(tiny_engine:
     assert isinstance(list(tiny_engine.generate(SessionRequest(prompt=TASK, max_tokens=2)))[-1], DoneEvent)
 
 
-def test_a_session_whose_planning_fails_fails_alone(tiny_engine: Engine, monkeypatch) -> None:
-    """Growing one session's cache can fail (out of memory); the other sessions keep decoding in that step."""
+def test_a_session_whose_planning_fails_fails_alone(uncached_tiny_engine: Engine, monkeypatch) -> None:
+    """Planning one session can fail; the other sessions keep decoding in that step. (Without a prefix cache,
+    so the second session plans in the first step instead of waiting for the first one's prompt pages.)"""
+    engine = uncached_tiny_engine
     for session_id in ("ok", "bad"):
-        tiny_engine.add_session(session_id, SessionRequest(prompt=TASK, num_workers=2, max_tokens=3))
-    bad = tiny_engine._sessions["bad"]
-    monkeypatch.setattr(bad, "runs", lambda: (_ for _ in ()).throw(RuntimeError("out of memory")))
-    events = tiny_engine.step()
+        engine.add_session(session_id, SessionRequest(prompt=TASK, num_workers=2, max_tokens=3))
+    bad = engine._sessions["bad"]
+    monkeypatch.setattr(bad, "runs", lambda: (_ for _ in ()).throw(RuntimeError("planning failed")))
+    events = engine.step()
     assert [(sid, type(e)) for sid, e in events if sid == "bad"] == [("bad", ErrorEvent)]
     assert any(sid == "ok" and not isinstance(e, ErrorEvent) for sid, e in events)
-    assert tiny_engine.num_running == 1
-    while tiny_engine.num_running:
-        events += tiny_engine.step()
+    assert engine.num_running == 1
+    while engine.num_running:
+        events += engine.step()
     assert [type(e) for sid, e in events if sid == "ok"][-1] is DoneEvent
+
+
+def test_a_session_whose_cache_cannot_grow_fails_alone(uncached_tiny_engine: Engine, monkeypatch) -> None:
+    """Out of memory while one session's worker blocks grow mid-run fails that session only: the others in
+    the same step decode on to their end."""
+    engine = uncached_tiny_engine
+    request = SessionRequest(prompt=TASK, num_workers=2, max_tokens=80, sampling=GREEDY, final_answer=False)
+    for session_id in ("ok", "bad"):
+        engine.add_session(session_id, request)
+    cache = engine._sessions["bad"].cache
+    grow = cache.reserve
+
+    def reserve(block: int, length: int) -> None:
+        if block > 0 and length > cache.small_k.shape[3]:
+            raise torch.OutOfMemoryError("out of memory growing the worker blocks")
+        grow(block, length)
+
+    monkeypatch.setattr(cache, "reserve", reserve)
+    events: list = []
+    while "bad" in engine._sessions:
+        assert engine.num_running == 2, "the session that cannot grow failed the other one too"
+        events += engine.step()
+    assert [type(e) for sid, e in events if sid == "bad"][-1] is ErrorEvent
+    assert engine.num_running == 1
+    while engine.num_running:
+        events += engine.step()
+    ok = [e for sid, e in events if sid == "ok"]
+    assert not any(isinstance(e, ErrorEvent) for e in ok) and isinstance(ok[-1], DoneEvent)
 
 
 def test_a_failed_forward_does_not_hold_back_a_session_that_ended_before_it(
