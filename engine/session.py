@@ -131,7 +131,7 @@ class Session:
         if self.longest_view() > self._view_limit:  # only when steps are far shorter than the checks assumed
             self._finish(("length",) * len(self.workers))
             return []
-        return [self._worker_run(w) for w in feeding]
+        return self._worker_runs(feeding)
 
     def _prefill_runs(self) -> list[Run]:
         """The prompt in chunks (bounding the work of one forward); the last chunk brings labels and first steps."""
@@ -146,18 +146,22 @@ class Session:
             Run(OTHERS_LABEL, 0, tuple(others), ((COMMON, lc),)),
             Run(OWN_LABEL, 0, tuple(own), ((COMMON, lc), (OTHERS_LABEL, len(others)))),
         ]
-        return runs + [self._worker_run(w) for w in self.workers]
+        return runs + self._worker_runs(self.workers)
 
-    def _worker_run(self, worker: Worker) -> Run:
-        block = FIRST_STEP_BLOCK + worker.index
-        start = len(worker.block)
-        run = Run(block, start, tuple(worker.pending.ids), self._view(worker), want_logits=True)
-        worker.block.extend(worker.pending.ids, worker.pending.sampled)
-        worker.pending = Tokens()
-        return run
+    def _worker_runs(self, workers: list[Worker]) -> list[Run]:
+        """What `workers` feed. Every block takes its tokens before any view is taken, so each worker sees what
+        all the others feed in the same forward (every key is written before attention), whatever its index."""
+        fed = [(worker, len(worker.block), tuple(worker.pending.ids)) for worker in workers]
+        for worker in workers:
+            worker.block.extend(worker.pending.ids, worker.pending.sampled)
+            worker.pending = Tokens()
+        return [
+            Run(FIRST_STEP_BLOCK + worker.index, start, ids, self._view(worker), want_logits=True)
+            for worker, start, ids in fed
+        ]
 
     def _view(self, worker: Worker) -> tuple[tuple[int, int], ...]:
-        """Worker's view before its own step, with lengths as the cache holds them now."""
+        """Worker's view before its own step, with the other blocks' lengths after this forward."""
         others, own = self.labels
         steps = tuple(
             (FIRST_STEP_BLOCK + w.index, len(w.block)) for w in self.workers if w is not worker and len(w.block)

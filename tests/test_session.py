@@ -72,6 +72,27 @@ def test_history_holds_finished_steps_in_the_order_they_finish(tokenizer) -> Non
     assert session.cache.lengths[FIRST_STEP_BLOCK + 1] == len(session.workers[1].block)
 
 
+def test_every_worker_sees_what_the_others_feed_in_the_same_forward(tokenizer) -> None:
+    """Visibility does not depend on a worker's index: in every forward, each worker's view holds every other
+    worker's block with the tokens fed in that forward, also while one feeds a new step's header."""
+    session = make_session(tokenizer, num_workers=3, max_tokens=50)
+    script = [[" a", " b", " c"], [".", " d", " e"], ["\n\n", " f", " g"], [" h", " i", " j"], [" k", " l", " m"]]
+    checked = 0
+    for row in [[]] + script:  # the first forward is the prompt's, with every worker's first step
+        if row:
+            session.commit([token(tokenizer, text) for text in row])
+        runs = session.runs()
+        build_forward([(session.cache, runs)], INV_FREQ, torch.float32)  # what a forward writes
+        steps = [run for run in runs if run.block >= FIRST_STEP_BLOCK]
+        ends = {run.block: run.start + len(run.token_ids) for run in steps}  # block lengths after this forward
+        for run in steps:
+            seen = {block: length for block, length in run.view if block >= FIRST_STEP_BLOCK}
+            assert seen == {block: end for block, end in ends.items() if block != run.block}
+            checked += 1
+    assert [e.worker for e in session.take_events() if isinstance(e, StepEndEvent)] == [0]
+    assert checked == 3 * (len(script) + 1)
+
+
 def test_step_text_is_reported_whole(tokenizer) -> None:
     session = make_session(tokenizer, num_workers=1, max_tokens=20)
     events = drive(session, tokenizer, [[" work"], ["."], ["\n"], ["\n"]])
