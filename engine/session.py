@@ -125,12 +125,14 @@ class Session:
         if self.is_prefilling:
             return self._prefill_runs()
         feeding = self._feeding
-        for worker in feeding:  # a worker that no longer writes opens no step it would leave empty
-            if worker.step_done and not worker.closing:
-                self._start_next_step(worker)
-        if self.longest_view() > self._view_limit:  # only when steps are far shorter than the checks assumed
+        opening = [w for w in feeding if w.step_done and not w.closing]  # a worker that no longer writes opens none
+        # Only when steps are far shorter than the checks assumed; checked before any step opens, so the session
+        # never announces a header it does not write.
+        if self.longest_view() + self._opening_tokens(opening) > self._view_limit:
             self._finish(("length",) * len(self.workers))
             return []
+        for worker in opening:
+            self._start_next_step(worker)
         return self._worker_runs(feeding)
 
     def _prefill_runs(self) -> list[Run]:
@@ -167,6 +169,12 @@ class Session:
             (FIRST_STEP_BLOCK + w.index, len(w.block)) for w in self.workers if w is not worker and len(w.block)
         )
         return ((COMMON, len(self.common)), (OTHERS_LABEL, len(others))) + steps + ((OWN_LABEL, len(own)),)
+
+    def _opening_tokens(self, workers: list[Worker]) -> int:
+        """Tokens that opening the next steps of `workers` adds: their headers, and the redundancy check if due."""
+        headers = sum(len(self._encode(prompts.step_header(w.name, w.step + 1))) for w in workers)
+        check = len(self._encode(prompts.REDUNDANCY_CHECK)) if workers and self._check_due else 0
+        return headers + check
 
     def _start_next_step(self, worker: Worker) -> None:
         """Moves the finished step to the end of the history and opens the next one with its header."""

@@ -93,6 +93,34 @@ def test_every_worker_sees_what_the_others_feed_in_the_same_forward(tokenizer) -
     assert checked == 3 * (len(script) + 1)
 
 
+def test_a_session_out_of_context_announces_no_step_it_does_not_write(tokenizer) -> None:
+    """Ending with "length" because the views reach the context happens before the next steps open: every
+    header the session reported is in the final views, at every context length around the first step end."""
+    probe = make_session(tokenizer, num_workers=2, max_tokens=500)
+    probe.runs()
+    first_views = len(probe.view(0).token_ids)
+    endings = set()
+    for context in range(first_views, first_views + 16):
+        session = make_session(tokenizer, context, num_workers=2, max_tokens=500, final_answer=False,
+                               return_views=True, redundancy_check_every=3)
+        events, samples = [], [" a", ".", "\n\n"]
+        while not session.done:
+            runs = session.runs()
+            if runs:
+                build_forward([(session.cache, runs)], INV_FREQ, torch.float32)
+                session.commit([token(tokenizer, samples[session.workers[0].generated % 3])] * 2)
+            events += session.take_events()
+        done = events[-1]
+        assert isinstance(done, DoneEvent) and done.finish_reasons == ("length", "length")
+        for worker, view in enumerate(done.views):
+            inserted = [e for e in events if isinstance(e, InsertedEvent) and e.worker == worker]
+            text = tokenizer.decode(view.token_ids)
+            assert all(e.text.strip() in text for e in inserted), f"context {context}: an unwritten insert"
+            assert done.usage.steps_per_worker[worker] == max(e.step for e in inserted)
+        endings.add(sum(isinstance(e, StepEndEvent) for e in events))
+    assert len(endings) > 1  # the sweep ends sessions both before and after steps ended
+
+
 def test_step_text_is_reported_whole(tokenizer) -> None:
     session = make_session(tokenizer, num_workers=1, max_tokens=20)
     events = drive(session, tokenizer, [[" work"], ["."], ["\n"], ["\n"]])
