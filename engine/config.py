@@ -15,6 +15,9 @@ from engine.errors import InvalidRequestError
 DEFAULT_WORKER_NAMES = ("Alice", "Bob", "Carol", "Dave", "Eve", "Frank", "Grace", "Heidi")
 MAX_WORKERS = len(DEFAULT_WORKER_NAMES)
 MAX_WORKER_NAME_CHARS = 32
+# Markup a name cannot hold: '*' and brackets would break the "**Name [k]:**" step headers, and a backslash or
+# braces could spell a \boxed{} answer that the session would read off a header.
+NAME_MARKUP = "*[]\\{}"
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_REDUNDANCY_CHECK_EVERY = 1024
 DEFAULT_PREFIX_CACHE_TOKENS = 4096
@@ -91,12 +94,12 @@ class SessionRequest:
         for name in names:
             if (
                 not name.strip() or name != name.strip() or len(name) > MAX_WORKER_NAME_CHARS
-                or any(c in name for c in "*[]") or not _is_unicode_text(name)
+                or any(c in name for c in NAME_MARKUP) or not _is_unicode_text(name)
                 or any(unicodedata.category(c) in _INVISIBLE for c in name)
             ):
                 raise InvalidRequestError(
                     f"each worker name must be 1..{MAX_WORKER_NAME_CHARS} visible characters (inner spaces allowed) "
-                    "without '*' or brackets",
+                    "without '*', '\\', brackets or braces",
                     "worker_names",
                 )
         if len(set(names)) != len(names):

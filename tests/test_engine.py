@@ -247,6 +247,8 @@ def test_a_failed_forward_does_not_hold_back_a_session_that_ended_before_it(
         ({"num_workers": 1, "worker_names": (" Ann",)}, "worker_names"),
         ({"num_workers": 1, "worker_names": ("A" * 33,)}, "worker_names"),  # 32 characters at most
         ({"num_workers": 1, "worker_names": ("**Bob",)}, "worker_names"),  # would break the "**Name [n]:**" header
+        ({"num_workers": 1, "worker_names": ("\\boxed{7}",)}, "worker_names"),  # a header would hold an answer
+        ({"num_workers": 1, "worker_names": ("B{o}b",)}, "worker_names"),
         ({"num_workers": 1, "worker_names": ("Bob [2]",)}, "worker_names"),
         ({"num_workers": 1, "worker_names": ("Bob]",)}, "worker_names"),
         ({"num_workers": 1, "worker_names": ("A\ud800",)}, "worker_names"),  # unpaired surrogate
