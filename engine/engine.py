@@ -25,7 +25,13 @@ from engine.attention import default_attention
 from engine.cache import SessionCache, held_tokens_bound
 from engine.config import EngineConfig, SamplingParams, SessionRequest
 from engine.decode_graphs import DecodeGraphs
-from engine.errors import CapacityError, ContextLengthError, InvalidRequestError
+from engine.errors import (
+    CacheBudgetError,
+    CapacityError,
+    ConfigurationError,
+    ContextLengthError,
+    InvalidRequestError,
+)
 from engine.events import ErrorEvent, Event, WorkerView
 from engine.model import LoadedModel, load_model
 from engine.plan import ForwardPlan, build_forward, reserve_runs
@@ -99,6 +105,14 @@ class Engine:
             prompt=WARM_UP_TASK, num_workers=min(2, self.config.max_workers), max_tokens=min(2, self.config.max_tokens),
             sampling=GREEDY, redundancy_check_every=0, final_answer=False,
         )
+        try:
+            self.checked(request)
+        except CacheBudgetError as error:
+            raise ConfigurationError(
+                f"the KV-cache budget of {self.config.cache_budget_tokens} tokens (HOGWILD_CACHE_BUDGET_TOKENS) cannot "
+                f"hold even a {request.num_workers}-worker session of {request.max_tokens} tokens, which reserves "
+                f"{error.tokens}; raise it, or set 0 for no budget"
+            ) from None
         for event in self.generate(request):
             if isinstance(event, ErrorEvent):
                 raise RuntimeError(event.message)
@@ -163,9 +177,10 @@ class Engine:
         cache_tokens = held_tokens_bound(longest, longest_step, request.num_workers + 2)
         budget = self.config.cache_budget_tokens
         if budget and cache_tokens > budget:
-            raise InvalidRequestError(
+            raise CacheBudgetError(
                 f"this session's KV cache could grow to {cache_tokens} tokens, more than this server's whole cache "
                 f"budget of {budget}; lower max_tokens or workers",
+                cache_tokens,
                 "max_tokens",
             )
         prompt_tokens = len(prompt_ids) + self._opening_tokens(request.names)  # as the session's usage counts them

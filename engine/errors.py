@@ -28,6 +28,20 @@ class ContextLengthError(InvalidRequestError):
     code = "context_length_exceeded"
 
 
+class CacheBudgetError(InvalidRequestError):
+    """A session could grow past the whole KV-cache budget, so it could never be admitted."""
+
+    def __init__(self, message: str, tokens: int, param: str | None = None) -> None:
+        super().__init__(message, param)
+        self.tokens = tokens  # cache token slots the session would reserve
+
+
+class ConfigurationError(HogwildError):
+    """The server's own settings make it unable to serve (the request is not at fault)."""
+
+    code = "invalid_configuration"
+
+
 class ModelNotFoundError(HogwildError):
     """The model path or hub id cannot be found or loaded."""
 

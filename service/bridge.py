@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from engine.config import EngineConfig, SessionRequest
-from engine.errors import LOAD_FAILED_PREFIX
+from engine.errors import LOAD_FAILED_PREFIX, ConfigurationError
 from engine.events import DoneEvent, ErrorEvent, Event, TokenEvent
 from service.engine_process import run_engine_process
 from service.errors import APIError, unavailable
@@ -319,7 +319,7 @@ class EngineBridge:
         elif isinstance(reply, Ready):
             self._become_ready(reply)
         elif isinstance(reply, LoadFailed):
-            named = reply.message.startswith(LOAD_FAILED_PREFIX)
+            named = reply.message.startswith(LOAD_FAILED_PREFIX) or reply.code == ConfigurationError.code
             self._give_up(reply.message if named else f"{LOAD_FAILED_PREFIX} {self._config.model!r}: {reply.message}")
 
     def _route_events(self, events: list[tuple[str, Event]]) -> None:

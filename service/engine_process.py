@@ -74,6 +74,9 @@ def run_engine_process(
         replies.send(LoadProgress("warming up: a first short session"))
         try:
             engine.warm_up()
+        except HogwildError as error:  # the settings leave no room for a session: say which
+            replies.send(LoadFailed(error.code, error.message))
+            return
         except Exception as error:  # a model that cannot run a short session cannot serve
             logger.exception("the warm-up session failed")
             message = f"the model failed its first session: {type(error).__name__}: {error}"

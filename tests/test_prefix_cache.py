@@ -10,6 +10,7 @@ import torch
 from engine.cache import SessionCache
 from engine.config import EngineConfig, SamplingParams, SessionRequest
 from engine.engine import Engine
+from engine.errors import ConfigurationError
 from engine.events import DoneEvent, TokenEvent
 from engine.prefix_cache import PAGE_TOKENS, PrefixCache
 from engine.session import PREFILL_CHUNK
@@ -189,6 +190,13 @@ def test_the_warm_up_session_leaves_the_default_rules_in_the_cache(tiny_path: Pa
     assert engine.num_running == 0 and engine.prefix_cache.num_tokens > 0
     _, done = run_alone(engine, request("Add 2 and 3."))  # two workers, the default team
     assert done.usage.cached_prompt_tokens > 0
+
+
+def test_a_warm_up_that_cannot_fit_the_cache_budget_blames_the_budget(tiny_path: Path) -> None:
+    engine = engine_for(tiny_path, cache_budget_tokens=100)
+    with pytest.raises(ConfigurationError, match=r"budget of 100 tokens .* reserves \d+; raise it, or set 0"):
+        engine.warm_up()
+    assert engine.num_running == 0
 
 
 def test_a_prefix_cache_out_of_memory_empties_it_and_the_session_goes_on(

@@ -145,6 +145,23 @@ def test_serve_exits_with_a_clear_message_when_the_model_cannot_load(tmp_path: P
     assert "Traceback" not in result.stderr
 
 
+def test_serve_names_a_cache_budget_too_small_for_any_session(tiny_model_dir: Path) -> None:
+    """A budget below what the shortest session reserves is the settings' fault, not the model's: the server
+    exits 1 naming the variable and what a session needs."""
+    command = [sys.executable, "-m", "service", "serve", "--model", str(tiny_model_dir), "--port", str(free_port())]
+    result = subprocess.run(
+        command,
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "HOGWILD_CACHE_BUDGET_TOKENS": "100"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert "KV-cache budget of 100 tokens (HOGWILD_CACHE_BUDGET_TOKENS)" in result.stderr
+    assert "cannot load model" not in result.stderr and "Traceback" not in result.stderr
+
+
 def wait_for_first_tokens(url: str, sessions: int, timeout: float = 30.0) -> None:
     """Waits until `sessions` requests have had their first token (the time-to-first-token histogram's count)."""
     deadline = time.monotonic() + timeout
