@@ -57,7 +57,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     """Streams server-sent events when `stream` is true, else answers one JSON body. Every check that can fail
     before generation (including the prompt's length against the context) answers an error status first."""
     bridge, settings = _bridge(request), _settings(request)
-    session_request = body.session_request(max_tokens_limit=settings.max_tokens)
+    session_request = body.session_request(max_tokens_limit=settings.max_tokens, max_workers=settings.max_workers)
     if body.worker_names and "workers" not in body.model_fields_set and len(body.worker_names) > settings.max_workers:
         raise APIError(400, f"worker_names gives {session_request.num_workers} names, one per worker; at most "
                        f"{settings.max_workers} workers are allowed", "invalid_request", "worker_names")

@@ -33,7 +33,9 @@ class CompletionRequest(BaseModel):
 
     prompt: str = Field(description="the task; non-empty")
     workers: int = Field(
-        2, description="number of workers, 1..the server's maximum (8 by default); left out: one per worker_names"
+        2,
+        description="number of workers, 1..the server's maximum (8 by default); left out: one per worker_names, "
+        "else 2 (at most the server's maximum)",
     )
     worker_names: list[str] | None = Field(None, description="one distinct name per worker (default Alice, Bob, ...)")
     max_tokens: int = Field(
@@ -54,13 +56,16 @@ class CompletionRequest(BaseModel):
     model: str | None = Field(None, description="if given, must equal the served model id (see /v1/models)")
     return_views: bool = Field(False, description="include each worker's final view as token ids")
 
-    def session_request(self, max_tokens_limit: int | None = None) -> SessionRequest:
+    def session_request(self, max_tokens_limit: int | None = None, max_workers: int | None = None) -> SessionRequest:
         """The engine's request; call `.validate(...)` on it for the value ranges.
 
-        Left out, `workers` is the number of `worker_names` when those are given, and `max_tokens` its default
-        capped at the server's `max_tokens_limit`: only values a request sets can be out of range."""
+        Left out, `workers` is the number of `worker_names` when those are given, else its default capped at the
+        server's `max_workers`, and `max_tokens` its default capped at `max_tokens_limit`: only values a request
+        sets can be out of range."""
         given = self.model_fields_set
         workers = len(self.worker_names) if self.worker_names and "workers" not in given else self.workers
+        if "workers" not in given and not self.worker_names and max_workers is not None:
+            workers = min(workers, max_workers)
         max_tokens = self.max_tokens
         if "max_tokens" not in given and max_tokens_limit is not None:
             max_tokens = min(max_tokens, max_tokens_limit)

@@ -519,6 +519,9 @@ def test_left_out_fields_take_values_the_server_accepts() -> None:
     assert CompletionRequest(prompt="Hi").session_request(max_tokens_limit=40).max_tokens == 40
     assert CompletionRequest(prompt="Hi").session_request(max_tokens_limit=4000).max_tokens == 256
     assert CompletionRequest(prompt="Hi", max_tokens=100).session_request(max_tokens_limit=40).max_tokens == 100
+    assert CompletionRequest(prompt="Hi").session_request(max_workers=1).num_workers == 1
+    assert CompletionRequest(prompt="Hi").session_request(max_workers=8).num_workers == 2
+    assert CompletionRequest(prompt="Hi", workers=2).session_request(max_workers=1).num_workers == 2  # refused
 
 
 def test_an_unexpected_error_in_a_route_is_a_500_in_the_api_error_shape(
@@ -610,8 +613,8 @@ def test_with_an_api_key_the_openapi_document_declares_it_on_the_protected_route
 @pytest.mark.parametrize(
     ("body", "param"),
     [
-        ({"prompt": "Hi"}, "workers"),  # the default of 2 workers is over a limit of 1: no names were sent
-        ({"prompt": "Hi", "worker_names": []}, "workers"),
+        ({"prompt": "Hi", "workers": 2}, "workers"),
+        ({"prompt": "Hi", "worker_names": []}, "worker_names"),  # one worker (the capped default), no name for it
         ({"prompt": "Hi", "worker_names": ["Ann", "Ben"]}, "worker_names"),  # two names ask for two workers
     ],
 )
@@ -621,6 +624,13 @@ def test_too_many_workers_blames_the_field_the_client_sent(
     client = TestClient(create_app(Settings(max_workers=1)))
     response = client.post("/v1/hogwild/completions", json=body)
     assert response.status_code == 400 and response.json()["error"]["param"] == param
+
+
+def test_a_request_that_leaves_out_workers_fits_a_one_worker_server(clean_env: pytest.MonkeyPatch) -> None:
+    """The default of 2 workers is capped at the server's limit: past validation, to the (unloaded) engine."""
+    client = TestClient(create_app(Settings(max_workers=1)))
+    response = client.post("/v1/hogwild/completions", json={"prompt": "Hi"})
+    assert response.status_code == 503 and response.json()["error"]["code"] == "engine_unavailable"
 
 
 def test_a_body_past_the_size_limit_is_refused_with_413(clean_env: pytest.MonkeyPatch) -> None:
