@@ -14,10 +14,15 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 # The server runs as this user; USER names its uid so that runtimes can verify it is not root.
-# /cache is the only place it writes: the converted default model and hub downloads.
+# /cache is the only place it writes: the converted default model, hub downloads and compiled Triton kernels.
 RUN useradd --create-home --uid 10001 --user-group --shell /usr/sbin/nologin hogwild \
-    && mkdir -p /cache/huggingface \
+    && mkdir -p /cache/huggingface /cache/triton \
     && chown -R hogwild:hogwild /cache
+
+# Triton builds each kernel's launcher with a C compiler the first time it runs; the runtime image has none.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /opt/hogwild
 
@@ -42,7 +47,8 @@ RUN pip install --no-deps --constraint /opt/torch-constraint.txt .
 ENV HOGWILD_HOST=0.0.0.0 \
     HOGWILD_PORT=8000 \
     HOGWILD_CACHE_DIR=/cache \
-    HF_HOME=/cache/huggingface
+    HF_HOME=/cache/huggingface \
+    TRITON_CACHE_DIR=/cache/triton
 
 USER 10001
 WORKDIR /home/hogwild

