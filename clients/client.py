@@ -13,7 +13,7 @@ import re
 from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator
 from contextlib import contextmanager
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, NoReturn, Self
 
 import httpx
 
@@ -144,9 +144,9 @@ class HogwildClient:
 
     def _events(self, body: dict[str, Any]) -> Generator[StreamEvent, None, None]:
         with _transport_errors(self.base_url), self._http.stream("POST", COMPLETIONS_PATH, json=body) as response:
-            if response.status_code >= 400:
+            if not _is_event_stream(response):
                 response.read()
-                _raise_for_status(response)
+                _raise_not_a_stream(response)
             parser = SSEParser()
             for chunk in response.iter_bytes():
                 for payload in parser.feed(chunk):
@@ -210,9 +210,9 @@ class AsyncHogwildClient:
     async def _events(self, body: dict[str, Any]) -> AsyncGenerator[StreamEvent, None]:
         with _transport_errors(self.base_url):
             async with self._http.stream("POST", COMPLETIONS_PATH, json=body) as response:
-                if response.status_code >= 400:
+                if not _is_event_stream(response):
                     await response.aread()
-                    _raise_for_status(response)
+                    _raise_not_a_stream(response)
                 parser = SSEParser()
                 async for chunk in response.aiter_bytes():
                     for payload in parser.feed(chunk):
@@ -259,7 +259,26 @@ def _json_body(response: httpx.Response) -> Any:
         raise HogwildClientError(f"the server did not answer with JSON ({kind}): {response.text[:200]!r}") from exc
 
 
+def _is_event_stream(response: httpx.Response) -> bool:
+    return response.status_code < 300 and response.headers.get("content-type", "").startswith("text/event-stream")
+
+
+def _raise_not_a_stream(response: httpx.Response) -> NoReturn:
+    """For an answer to a streamed request that is no event stream (read whole): an error status, a redirect, or a
+    page from something else at that address."""
+    _raise_for_status(response)
+    kind = response.headers.get("content-type", "no content type")
+    raise HogwildClientError(f"the server did not answer with an event stream ({kind}): {response.text[:200]!r}")
+
+
 def _raise_for_status(response: httpx.Response) -> None:
+    """HogwildAPIError for an error status; HogwildClientError for a redirect (the client follows none: a
+    completion would be sent twice, or its body lost), naming where it points."""
+    if 300 <= response.status_code < 400:
+        location = response.headers.get("location", "no Location header")
+        raise HogwildClientError(
+            f"the server redirects this request (HTTP {response.status_code}) to {location}: use that address"
+        )
     if response.status_code < 400:
         return
     try:
@@ -295,9 +314,22 @@ def _transport_errors(base_url: str) -> Iterator[None]:
     """Turns httpx's transport failures (refused, timed out, cut off) into HogwildConnectionError."""
     try:
         yield
+    except httpx.TimeoutException as exc:
+        raise HogwildConnectionError(
+            f"cannot talk to {base_url}: no answer within the client's timeout ({type(exc).__name__}); a request "
+            "that is not streamed answers only when its session ends: stream it, or raise the timeout"
+        ) from exc
     except httpx.TransportError as exc:
-        detail = str(exc) or type(exc).__name__
+        detail = str(exc) or TRANSPORT_FAILURES.get(type(exc), type(exc).__name__)  # httpx's async errors carry no text
         raise HogwildConnectionError(f"cannot talk to {base_url}: {detail}") from exc
+
+
+TRANSPORT_FAILURES = {
+    httpx.ConnectError: "cannot connect",
+    httpx.ReadError: "the connection was cut while reading",
+    httpx.WriteError: "the connection was cut while sending",
+    httpx.RemoteProtocolError: "the server closed the connection mid-answer",
+}
 
 
 def normalized_api_key(key: str | None) -> str | None:

@@ -400,6 +400,63 @@ def test_a_success_status_without_json_is_a_client_error_not_a_traceback() -> No
             call()
 
 
+def test_a_page_answering_a_stream_is_a_client_error_naming_what_came() -> None:
+    """A wrong URL or a proxy answering a streamed request with 200 and HTML is reported as such, not as a stream
+    the server cut short."""
+
+    def html(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"content-type": "text/html"}, content=b"<html>proxy login</html>")
+
+    client = HogwildClient("http://test", transport=httpx.MockTransport(html))
+    with pytest.raises(HogwildClientError, match=r"did not answer with an event stream \(text/html\).*proxy login"):
+        list(client.stream("task"))
+
+
+def test_a_redirect_is_a_client_error_naming_where_it_points() -> None:
+    """The client follows no redirect (a completion would be sent again, or lose its body); it says where the
+    server points instead of reporting a cut stream or a body that is not JSON."""
+
+    def redirect(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(307, headers={"location": "https://hogwild.example/v1/hogwild/completions"})
+
+    sync = HogwildClient("http://test", transport=httpx.MockTransport(redirect))
+    expected = r"redirects this request \(HTTP 307\) to https://hogwild\.example/v1/hogwild/completions"
+    for call in (lambda: list(sync.stream("task")), lambda: sync.complete("task"), sync.health):
+        with pytest.raises(HogwildClientError, match=expected) as raised:
+            call()
+        assert not isinstance(raised.value, HogwildConnectionError)
+
+    async def stream_async() -> None:
+        async with AsyncHogwildClient("http://test", transport=httpx.MockTransport(redirect)) as client:
+            async for _ in client.stream("task"):
+                pass
+
+    with pytest.raises(HogwildClientError, match=expected):
+        asyncio.run(stream_async())
+
+
+@pytest.mark.parametrize(
+    ("failure", "expected"),
+    [
+        (httpx.ReadTimeout(""), r"no answer within the client's timeout \(ReadTimeout\).*stream it"),
+        (httpx.ReadError(""), "the connection was cut while reading"),
+        (httpx.RemoteProtocolError(""), "the server closed the connection mid-answer"),
+    ],
+)
+def test_async_transport_failures_say_what_happened(failure: Exception, expected: str) -> None:
+    """httpx's async errors carry no text; the message still says what went wrong, as the sync client's does."""
+
+    def fail(request: httpx.Request) -> httpx.Response:
+        raise failure
+
+    async def complete() -> None:
+        async with AsyncHogwildClient("http://test", transport=httpx.MockTransport(fail)) as client:
+            await client.complete("task")
+
+    with pytest.raises(HogwildConnectionError, match=r"cannot talk to http://test: " + expected):
+        asyncio.run(complete())
+
+
 def test_an_api_key_read_with_its_newline_is_trimmed() -> None:
     seen: list[httpx.Request] = []
 
