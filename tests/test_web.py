@@ -220,6 +220,12 @@ def test_the_server_indicator_follows_the_server_after_it_was_ready(page: Page) 
     page.route("**/health", lambda route: route.fulfill(status=503, json=down))
     expect(page.locator("#server-text")).to_have_text("engine restarting…", timeout=15_000)
     expect(page.locator("#server")).to_have_attribute("data-health", "loading")
+    # The new engine loads its model: "down" lasts milliseconds, this the whole load. Still a restart.
+    loading = {"status": "loading", "model": None, "message": "loading weights"}
+    page.unroute("**/health")
+    page.route("**/health", lambda route: route.fulfill(status=503, json=loading))
+    page.wait_for_timeout(2500)  # one poll while not ready (every 2 s) has seen it
+    expect(page.locator("#server-text")).to_have_text("engine restarting…")
     page.unroute("**/health")
     expect(page.locator("#server-text")).to_contain_text("· ready", timeout=15_000)
 

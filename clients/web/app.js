@@ -14,6 +14,7 @@ const SERVER_STATES = { down: "engine restarting…", failed: "engine failed", s
 
 const $ = (id) => document.getElementById(id);
 let run = null; // the session on screen: see newRun()
+let wasReady = false; // the server has served since the page opened: a later load is the engine restarting
 
 class ServerError extends Error {
   constructor(error, status) {
@@ -275,8 +276,10 @@ async function watchServer() {
     const response = await fetch("health", { cache: "no-store" });
     const health = await response.json().catch(() => ({}));
     ready = response.ok;
-    dot.dataset.health = ready ? "ok" : health.status === "failed" ? "down" : "loading";
-    label.textContent = ready ? `${health.model || "model"} · ready` : SERVER_STATES[health.status] || "model loading…";
+    const status = health.status === "loading" && wasReady ? "down" : health.status;
+    wasReady ||= ready;
+    dot.dataset.health = ready ? "ok" : status === "failed" ? "down" : "loading";
+    label.textContent = ready ? `${health.model || "model"} · ready` : SERVER_STATES[status] || "model loading…";
   } catch {
     dot.dataset.health = "down";
     label.textContent = "server unreachable";
