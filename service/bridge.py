@@ -57,6 +57,8 @@ STOP_TIMEOUT_SECONDS = 10.0
 REAP_SECONDS = 1.0  # how long an exiting process (its pipe closed) gets to become reapable
 EXIT_STATUS_WAIT_SECONDS = 1.0  # how long a process whose pipe closed gets to exit, so its exit status can be read
 ENGINE_LOST_MESSAGE = "the engine process stopped unexpectedly; it is restarting, retry shortly"
+ENGINE_STALLED_MESSAGE = "the engine stopped answering; it is restarting, retry shortly"
+WATCH_SECONDS = 1.0  # how often the bridge checks that an engine with requests in flight still answers
 
 
 class EngineState(enum.StrEnum):
@@ -208,6 +210,9 @@ class EngineBridge:
         self._log_level = settings.log_level
         self._max_requests = settings.max_requests
         self._retry_after = settings.retry_after_seconds
+        self._stall_seconds = settings.engine_stall_seconds
+        self._replied_at = time.monotonic()  # the current engine's last reply (or when it became busy)
+        self._stalled = False  # the current engine was killed for not answering
         self._on_ready = on_ready
         self._on_fatal = on_fatal
         self._sessions: dict[str, SessionHandle] = {}
@@ -226,6 +231,8 @@ class EngineBridge:
         """Spawns the engine process; returns at once (loading continues in the background)."""
         self._loop = asyncio.get_running_loop()
         await self._spawn()
+        if self._stall_seconds:
+            self._run_in_background(self._watch())
 
     async def stop(self) -> None:
         """Stops the engine process and fails whatever is still in flight."""
@@ -255,6 +262,8 @@ class EngineBridge:
                 headers={"Retry-After": str(self._retry_after)},
             )
         session = SessionHandle(f"cmpl-{uuid.uuid4().hex}", request.num_workers, self.release)
+        if not self._sessions:  # an idle engine owed nothing until now: its silence counts from here
+            self._replied_at = time.monotonic()
         self._sessions[session.request_id] = session
         self._process.send(Submit(session.request_id, request))
         try:
@@ -304,6 +313,7 @@ class EngineBridge:
     def _dispatch(self, process: EngineProcess, reply: Reply) -> None:
         if process is not self._process or self._is_stopping:
             return
+        self._replied_at = time.monotonic()
         if isinstance(reply, StepEvents):
             self._route_events(reply.events)
         elif isinstance(reply, Occupancy):
@@ -361,15 +371,34 @@ class EngineBridge:
         if self._on_fatal is not None:
             self._on_fatal(message)
 
+    async def _watch(self) -> None:
+        """Kills a ready engine that has not answered for `engine_stall_seconds` while requests are in flight (a
+        busy engine replies at least every second, engine_process.HEARTBEAT_SECONDS): a hung device call or
+        deadlock then fails its requests and restarts it (`_on_exit`), instead of holding them, and /health's 200,
+        forever."""
+        while True:
+            await asyncio.sleep(WATCH_SECONDS)
+            process, silent = self._process, time.monotonic() - self._replied_at
+            if process is None or self.state is not EngineState.READY or not self._sessions or self._stalled:
+                continue
+            if silent >= self._stall_seconds:
+                self._stalled = True
+                logger.error(
+                    "engine process %s has not answered for %.0f s with %d requests in flight; killing it",
+                    process.pid, silent, len(self._sessions),
+                )
+                await asyncio.get_running_loop().run_in_executor(None, process.kill)
+
     def _on_exit(self, process: EngineProcess) -> None:
         if process is not self._process or self._is_stopping or self.state is EngineState.FAILED:
             return
         was_ready = self.state is EngineState.READY
-        how = exit_description(process.exit_code())
+        how = "stopped answering and was killed" if self._stalled else exit_description(process.exit_code())
         self.state = EngineState.DOWN
         self.status_message = f"the engine process {how}; restarting"
         logger.error("engine process %s %s", process.pid, how)
-        self._fail_sessions(ENGINE_LOST_MESSAGE, "engine_unavailable")
+        self._fail_sessions(ENGINE_STALLED_MESSAGE if self._stalled else ENGINE_LOST_MESSAGE, "engine_unavailable")
+        self._stalled = False
         # Gone, or alive but no longer read (a garbled reply): either way it is killed, not asked, and the new
         # engine starts only once the old one has exited, so two never hold the model (and the GPU) at once.
         stopped = asyncio.get_running_loop().run_in_executor(None, process.stop, 0.0)

@@ -13,6 +13,7 @@ import multiprocessing
 import queue
 import signal
 import threading
+import time
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
@@ -28,6 +29,7 @@ from service.messages import (
     Occupancy,
     Ready,
     Rejected,
+    Reply,
     Shutdown,
     StepEvents,
     Submit,
@@ -43,6 +45,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger("hogwild.engine_process")
 
 PARENT_CHECK_SECONDS = 1.0  # how often an idle engine checks that the API process still lives
+HEARTBEAT_SECONDS = 1.0  # a busy engine replies at least this often (its occupancy, changed or not): the API
+# process takes a long silence while requests are in flight for a hung engine (Settings.engine_stall_seconds)
 STEP_FAILED_MESSAGE = "the engine failed while generating; the session was stopped"
 ADMIT_FAILED_MESSAGE = "the engine could not start the session"
 
@@ -113,6 +117,7 @@ class EngineLoop:
         self.waiting: OrderedDict[str, CheckedRequest] = OrderedDict()
         self.running: set[str] = set()
         self._reported = Occupancy(0, 0)
+        self._sent_at = time.monotonic()
 
     def run(self) -> None:
         self._report_occupancy()  # what the engine already holds (the warm-up's prefix pages) before any request
@@ -158,16 +163,16 @@ class EngineLoop:
         try:
             checked = self.engine.checked(submit.request)
         except HogwildError as error:
-            self.replies.send(Rejected(submit.request_id, error.code, error.message, error.param))
+            self._send(Rejected(submit.request_id, error.code, error.message, error.param))
             return
         except Exception:  # a fault in one request's check must not stop the engine
             logger.exception("checking request %s failed", submit.request_id)
-            self.replies.send(
+            self._send(
                 Rejected(submit.request_id, "engine_error", "the engine could not check the request", None)
             )
             return
         self.waiting[submit.request_id] = checked  # admitted later without checking (tokenizing) it again
-        self.replies.send(Accepted(submit.request_id, checked.prompt_tokens))
+        self._send(Accepted(submit.request_id, checked.prompt_tokens))
 
     def _admit(self) -> None:
         """Moves waiting requests into the engine, oldest first, while it has room."""
@@ -192,7 +197,7 @@ class EngineLoop:
 
     def _fail_waiting(self, request_id: str, message: str, code: str) -> None:
         del self.waiting[request_id]
-        self.replies.send(StepEvents([(request_id, ErrorEvent(message, code))]))
+        self._send(StepEvents([(request_id, ErrorEvent(message, code))]))
 
     def _step(self) -> None:
         try:
@@ -205,7 +210,7 @@ class EngineLoop:
             if isinstance(event, (DoneEvent, ErrorEvent)):
                 self.running.discard(request_id)
         if events:
-            self.replies.send(StepEvents(events))
+            self._send(StepEvents(events))
 
     def _fail_running(self) -> None:
         failed = sorted(self.running)
@@ -215,11 +220,18 @@ class EngineLoop:
                 self.engine.cancel(request_id)
             except Exception:
                 logger.exception("cancelling request %s after a failed step failed", request_id)
-        self.replies.send(StepEvents([(request_id, ErrorEvent(STEP_FAILED_MESSAGE)) for request_id in failed]))
+        self._send(StepEvents([(request_id, ErrorEvent(STEP_FAILED_MESSAGE)) for request_id in failed]))
+
+    def _send(self, reply: Reply) -> None:
+        self.replies.send(reply)
+        self._sent_at = time.monotonic()
 
     def _report_occupancy(self) -> None:
+        """Sends the occupancy when it changed, or as the heartbeat of an engine with work that has said nothing
+        for HEARTBEAT_SECONDS (a long prompt's prefill steps produce no events)."""
         engine = self.engine
         occupancy = Occupancy(len(self.running), len(self.waiting), engine.cache_bytes, engine.prefix_cache_bytes)
-        if occupancy != self._reported:
-            self.replies.send(occupancy)
+        is_busy = bool(self.running or self.waiting)
+        if occupancy != self._reported or (is_busy and time.monotonic() - self._sent_at >= HEARTBEAT_SECONDS):
+            self._send(occupancy)
             self._reported = occupancy

@@ -83,6 +83,13 @@ class Settings(BaseSettings):
         allow_inf_nan=False,
         description="a stream whose client takes no data for this long is cancelled and its session freed",
     )
+    engine_stall_seconds: float = Field(
+        300.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="an engine that says nothing this long while requests are in flight is taken for hung: its "
+        "requests fail and it is restarted (0: never)",
+    )
     retry_after_seconds: int = Field(2, ge=1, description="Retry-After value of 503 answers")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="log level")
 

@@ -240,6 +240,29 @@ def test_unexpected_faults_in_checking_or_admitting_fail_only_that_request() -> 
     assert isinstance(events_of(replies)[-1][1], DoneEvent)
 
 
+class SilentSteps(ScriptedEngine):
+    """Steps that take 0.2 s and produce no events (a long prompt's prefill chunks), for as long as it runs."""
+
+    def step(self) -> list[tuple[str, Event]]:
+        time.sleep(0.2)
+        return []
+
+
+def test_a_busy_engine_whose_steps_say_nothing_still_replies_every_heartbeat() -> None:
+    """The API process takes a long silence with requests in flight for a hung engine, so a busy engine
+    reports its (unchanged) occupancy at least every HEARTBEAT_SECONDS; an idle one says nothing."""
+    with Harness(SilentSteps()) as harness:
+        harness.send(Submit("a", request(max_tokens=1000)))
+        start = time.monotonic()
+        replies = harness.until(lambda replies: time.monotonic() - start > 3.5, timeout=6)
+    beats = [reply for reply in replies if isinstance(reply, Occupancy)]
+    assert beats[-1] == Occupancy(1, 0, SESSION_BYTES, 0)
+    assert beats.count(beats[-1]) >= 3, "the same occupancy again, about once a second"
+    with Harness(ScriptedEngine()) as idle:
+        time.sleep(2.5)
+        assert idle.outbox.qsize() == 0  # nothing runs or waits, so it owes no answer
+
+
 class WarmUpFails:
     """An engine that loads but cannot run a session."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -127,6 +128,38 @@ def test_engine_crash_fails_inflight_requests_then_the_server_recovers(env: dict
     while "leaked semaphore" not in server.log() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert "leaked semaphore" not in server.log(), "the killed engine left nothing for the server to clean up"
+
+
+def test_a_hung_engine_is_killed_its_requests_fail_and_a_new_one_serves(env: dict[str, str]) -> None:
+    """An engine that stops answering (here: stopped by SIGSTOP) while requests are in flight is taken for hung
+    after HOGWILD_ENGINE_STALL_SECONDS: its requests fail with engine_unavailable instead of waiting forever,
+    /health stops answering 200, and a new engine serves."""
+    server = LiveServer({**env, "HOGWILD_ENGINE_STALL_SECONDS": "2"}, [])
+    with server as url:
+        old_pid = server.engine_pid()
+        assert old_pid is not None
+        with httpx.stream("POST", f"{url}/v1/hogwild/completions", json={**LONG_SESSION, "stream": True}) as stream:
+            data = sse_data(stream)
+            assert "hogwild" in json.loads(next(data))
+            os.kill(old_pid, signal.SIGSTOP)
+            stopped_at = time.monotonic()
+            try:
+                rest = list(data)
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(old_pid, signal.SIGCONT)
+        assert rest[-1] == "[DONE]"
+        error = json.loads(rest[-2])["error"]
+        assert error["code"] == "engine_unavailable" and "stopped answering" in error["message"]
+        assert 2.0 <= time.monotonic() - stopped_at < 15.0
+        wait_for_health(url, 200)
+        assert server.engine_pid() not in (None, old_pid)
+        assert httpx.post(f"{url}/v1/hogwild/completions", json=QUICK_SESSION).status_code == 200
+        idle = time.monotonic()
+        while time.monotonic() - idle < 3.0:  # an idle engine owes no answer: it is left alone
+            assert httpx.get(f"{url}/health").status_code == 200
+            time.sleep(0.2)
+    assert f"engine process {old_pid} has not answered for" in server.log()
 
 
 def test_serve_exits_with_a_clear_message_when_the_model_cannot_load(tmp_path: Path) -> None:
