@@ -361,6 +361,8 @@ def _counters(device: torch.device, count: int) -> torch.Tensor:
 
     A bigger table replaces it when needed, but outgrown tables are kept: a decode step captured in a CUDA graph
     still points at the table it was captured with."""
+    if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0" must find the same table
+        device = torch.device("cuda", torch.cuda.current_device())
     tables = _COUNTERS.setdefault(device, [])
     if not tables or tables[-1].numel() < count:
         tables.append(torch.zeros(max(MIN_COUNTERS, triton.next_power_of_2(count)), dtype=torch.int32, device=device))
