@@ -109,7 +109,7 @@ class HogwildClient:
 
     def complete(self, prompt: str, **options: Any) -> Completion:
         """Runs one session to its end and returns all workers' texts, the transcript and the answer."""
-        with _transport_errors(self.base_url):
+        with _transport_errors(self.base_url, whole_answer=True):
             response = self._http.post(COMPLETIONS_PATH, json=request_body(prompt, options, stream=False))
         return Completion.from_json(_json_body(response))
 
@@ -174,7 +174,7 @@ class AsyncHogwildClient:
 
     async def complete(self, prompt: str, **options: Any) -> Completion:
         """Runs one session to its end and returns all workers' texts, the transcript and the answer."""
-        with _transport_errors(self.base_url):
+        with _transport_errors(self.base_url, whole_answer=True):
             response = await self._http.post(COMPLETIONS_PATH, json=request_body(prompt, options, stream=False))
         return Completion.from_json(_json_body(response))
 
@@ -310,14 +310,17 @@ def _retry_after(value: str | None) -> float | None:
 
 
 @contextmanager
-def _transport_errors(base_url: str) -> Iterator[None]:
-    """Turns httpx's transport failures (refused, timed out, cut off) into HogwildConnectionError."""
+def _transport_errors(base_url: str, whole_answer: bool = False) -> Iterator[None]:
+    """Turns httpx's transport failures (refused, timed out, cut off) into HogwildConnectionError. `whole_answer`:
+    the call waits for a non-streamed completion, which says nothing until its session ends."""
     try:
         yield
+    except (httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+        raise HogwildConnectionError(f"cannot connect to {base_url} in time ({type(exc).__name__})") from exc
     except httpx.TimeoutException as exc:
+        hint = "; it answers only when the session ends: stream it, or raise the timeout" if whole_answer else ""
         raise HogwildConnectionError(
-            f"cannot talk to {base_url}: no answer within the client's timeout ({type(exc).__name__}); a request "
-            "that is not streamed answers only when its session ends: stream it, or raise the timeout"
+            f"cannot talk to {base_url}: no answer within the client's timeout ({type(exc).__name__}){hint}"
         ) from exc
     except httpx.TransportError as exc:
         detail = str(exc) or TRANSPORT_FAILURES.get(type(exc), type(exc).__name__)  # httpx's async errors carry no text

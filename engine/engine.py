@@ -113,6 +113,11 @@ class Engine:
                 f"hold even a {request.num_workers}-worker session of {request.max_tokens} tokens, which reserves "
                 f"{error.tokens}; raise it, or set 0 for no budget"
             ) from None
+        except ContextLengthError:
+            raise ConfigurationError(
+                f"the context of {self.model_name} ({self.context_length} tokens) cannot hold even a short "
+                f"{request.num_workers}-worker session (the collaboration rules and a one-line task)"
+            ) from None
         for event in self.generate(request):
             if isinstance(event, ErrorEvent):
                 raise RuntimeError(event.message)

@@ -376,9 +376,14 @@ class EngineBridge:
         busy engine replies at least every second, engine_process.HEARTBEAT_SECONDS): a hung device call or
         deadlock then fails its requests and restarts it (`_on_exit`), instead of holding them, and /health's 200,
         forever."""
+        ticked = time.monotonic()
         while True:
             await asyncio.sleep(WATCH_SECONDS)
-            process, silent = self._process, time.monotonic() - self._replied_at
+            now = time.monotonic()
+            if now - ticked > 3 * WATCH_SECONDS:  # this process was frozen too (a paused container, a suspended
+                self._replied_at = now  # VM): the engine's replies may be waiting in the pipe; count afresh
+            ticked = now
+            process, silent = self._process, now - self._replied_at
             if process is None or self.state is not EngineState.READY or not self._sessions or self._stalled:
                 continue
             if silent >= self._stall_seconds:
@@ -388,11 +393,24 @@ class EngineBridge:
                     process.pid, silent, len(self._sessions),
                 )
                 await asyncio.get_running_loop().run_in_executor(None, process.kill)
+                self._run_in_background(self._unless_gone(process))
+
+    async def _unless_gone(self, process: EngineProcess) -> None:
+        """A process stuck in the kernel (a hung device driver) outlives SIGKILL: its requests fail anyway, and
+        /health reports it, instead of waiting for an exit that may never come. Should it exit later, the usual
+        restart follows."""
+        await asyncio.sleep(STOP_TIMEOUT_SECONDS)
+        if process is self._process and self.state is EngineState.READY and self._stalled:
+            how = f"stopped answering and did not exit {STOP_TIMEOUT_SECONDS:g} s after SIGKILL"
+            self.state = EngineState.DOWN
+            self.status_message = f"the engine process {how}"
+            logger.error("engine process %s %s", process.pid, how)
+            self._fail_sessions(ENGINE_STALLED_MESSAGE, "engine_unavailable")
 
     def _on_exit(self, process: EngineProcess) -> None:
         if process is not self._process or self._is_stopping or self.state is EngineState.FAILED:
             return
-        was_ready = self.state is EngineState.READY
+        was_ready = self.state is EngineState.READY or self._stalled
         how = "stopped answering and was killed" if self._stalled else exit_description(process.exit_code())
         self.state = EngineState.DOWN
         self.status_message = f"the engine process {how}; restarting"

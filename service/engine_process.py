@@ -18,7 +18,7 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING
 
 from engine.config import EngineConfig
-from engine.errors import CapacityError, HogwildError
+from engine.errors import CapacityError, ConfigurationError, HogwildError
 from engine.events import DoneEvent, ErrorEvent
 from service.messages import (
     Accepted,
@@ -78,7 +78,7 @@ def run_engine_process(
         replies.send(LoadProgress("warming up: a first short session"))
         try:
             engine.warm_up()
-        except HogwildError as error:  # the settings leave no room for a session: say which
+        except ConfigurationError as error:  # the settings (or the model's context) leave no room for a session
             replies.send(LoadFailed(error.code, error.message))
             return
         except Exception as error:  # a model that cannot run a short session cannot serve

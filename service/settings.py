@@ -27,6 +27,7 @@ from engine.config import (
 LOG_FORMAT = "%(levelname)s:     %(name)s: %(message)s"  # uvicorn's look, in both processes
 
 ENV_PREFIX = "HOGWILD_"
+MIN_STALL_SECONDS = 2.0  # twice the busy engine's heartbeat (service.engine_process.HEARTBEAT_SECONDS)
 # Variables of this prefix read elsewhere: the default model's cache folder, the client's server URL and key.
 OTHER_VARIABLES = {"HOGWILD_CACHE_DIR", "HOGWILD_URL"}
 ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^\s/?#]+")  # what a browser's Origin header holds (or "null")
@@ -56,7 +57,9 @@ class Settings(BaseSettings):
     max_sessions: int = Field(
         DEFAULT_MAX_SESSIONS, ge=1, description="sessions the engine runs at once (batched together)"
     )
-    max_queued: int = Field(32, ge=0, description="accepted requests that may wait for a free session; beyond: 503")
+    max_queued: int = Field(
+        32, ge=0, description="requests in flight beyond max_sessions (running or waiting: at most the sum; then 503)"
+    )
     cache_budget_tokens: int = Field(
         0, ge=0, description="KV-cache tokens all sessions' caches may grow to together (0: no budget)"
     )
@@ -88,7 +91,8 @@ class Settings(BaseSettings):
         ge=0,
         allow_inf_nan=False,
         description="an engine that says nothing this long while requests are in flight is taken for hung: its "
-        "requests fail and it is restarted (0: never)",
+        f"requests fail and it is restarted (0: never; else at least {MIN_STALL_SECONDS:g}, and longer than the "
+        "slowest single forward: a first kernel compile, a 1024-token prompt chunk)",
     )
     retry_after_seconds: int = Field(2, ge=1, description="Retry-After value of 503 answers")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="log level")
@@ -100,6 +104,14 @@ class Settings(BaseSettings):
         key (`--api-key ""`, as an empty HOGWILD_API_KEY already is) means no key, not a lock that an empty bearer
         token opens."""
         return normalized_api_key(value) if isinstance(value, str) else value
+
+    @field_validator("engine_stall_seconds")
+    @classmethod
+    def _stall_longer_than_heartbeats(cls, value: float) -> float:
+        """A busy engine reports about once a second and only between forwards: a shorter limit kills healthy ones."""
+        if 0 < value < MIN_STALL_SECONDS:
+            raise ValueError(f"must be 0 (never) or at least {MIN_STALL_SECONDS:g} seconds")
+        return value
 
     @field_validator("cors_origins", mode="before")
     @classmethod

@@ -438,9 +438,11 @@ def test_a_redirect_is_a_client_error_naming_where_it_points() -> None:
 @pytest.mark.parametrize(
     ("failure", "expected"),
     [
-        (httpx.ReadTimeout(""), r"no answer within the client's timeout \(ReadTimeout\).*stream it"),
-        (httpx.ReadError(""), "the connection was cut while reading"),
-        (httpx.RemoteProtocolError(""), "the server closed the connection mid-answer"),
+        (httpx.ReadTimeout(""), r"cannot talk to http://test: no answer within the client's timeout \(ReadTimeout\); "
+         r"it answers only when the session ends: stream it, or raise the timeout"),
+        (httpx.ConnectTimeout(""), r"cannot connect to http://test in time \(ConnectTimeout\)"),
+        (httpx.ReadError(""), "cannot talk to http://test: the connection was cut while reading"),
+        (httpx.RemoteProtocolError(""), "cannot talk to http://test: the server closed the connection mid-answer"),
     ],
 )
 def test_async_transport_failures_say_what_happened(failure: Exception, expected: str) -> None:
@@ -453,8 +455,19 @@ def test_async_transport_failures_say_what_happened(failure: Exception, expected
         async with AsyncHogwildClient("http://test", transport=httpx.MockTransport(fail)) as client:
             await client.complete("task")
 
-    with pytest.raises(HogwildConnectionError, match=r"cannot talk to http://test: " + expected):
+    with pytest.raises(HogwildConnectionError, match=f"^{expected}$"):
         asyncio.run(complete())
+
+
+def test_a_stream_that_times_out_is_not_told_to_stream() -> None:
+    def fail(request: httpx.Request) -> httpx.Response:
+        raise httpx.ReadTimeout("timed out")
+
+    client = HogwildClient("http://test", transport=httpx.MockTransport(fail))
+    with pytest.raises(HogwildConnectionError) as raised:
+        list(client.stream("task"))
+    assert "no answer within the client's timeout (ReadTimeout)" in raised.value.message
+    assert "stream it" not in raised.value.message
 
 
 def test_an_api_key_read_with_its_newline_is_trimmed() -> None:

@@ -199,6 +199,12 @@ def test_a_warm_up_that_cannot_fit_the_cache_budget_blames_the_budget(tiny_path:
     assert engine.num_running == 0
 
 
+def test_a_warm_up_that_cannot_fit_the_models_context_blames_the_model_not_a_prompt(tiny_model_factory) -> None:
+    engine = engine_for(tiny_model_factory("llama", max_position_embeddings=200))
+    with pytest.raises(ConfigurationError, match=r"the context of .* \(200 tokens\) cannot hold even a short"):
+        engine.warm_up()
+
+
 def test_a_prefix_cache_out_of_memory_empties_it_and_the_session_goes_on(
     tiny_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -479,6 +479,79 @@ def test_no_engine_is_respawned_once_the_server_is_shutting_down(monkeypatch: py
     assert spawned == []
 
 
+class SilentEngine:
+    """A ready engine process that never answers; `kill` is recorded and, like a process stuck in the kernel,
+    changes nothing."""
+
+    pid = 1
+
+    def __init__(self) -> None:
+        self.kills = 0
+
+    def kill(self) -> None:
+        self.kills += 1
+
+    def send(self, command: object) -> None:
+        pass
+
+
+def watched_bridge(monkeypatch: pytest.MonkeyPatch, stall_seconds: float) -> tuple[EngineBridge, SessionHandle]:
+    """A ready bridge with one request in flight, watched every 50 ms."""
+    monkeypatch.setattr(bridge_module, "WATCH_SECONDS", 0.05)
+    monkeypatch.setattr(bridge_module, "STOP_TIMEOUT_SECONDS", 0.3)
+    bridge = EngineBridge(Settings(), Metrics())
+    bridge.state, bridge._process, bridge._stall_seconds = EngineState.READY, SilentEngine(), stall_seconds  # type: ignore[assignment]
+    session = SessionHandle("cmpl-1", 2, bridge.release)
+    bridge._sessions[session.request_id] = session
+    return bridge, session
+
+
+def test_an_engine_that_outlives_its_kill_still_fails_its_requests(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stalled engine is killed; if it does not exit (a hung driver call), its requests fail anyway and /health
+    stops answering 200, instead of both waiting for an exit that never comes."""
+    bridge, session = watched_bridge(monkeypatch, stall_seconds=0.2)
+
+    async def watch() -> object:
+        bridge._run_in_background(bridge._watch())
+        message = await session.next_message(timeout=5)
+        for task in list(bridge._tasks):
+            task.cancel()
+        return message
+
+    message = asyncio.run(watch())
+    assert isinstance(message, ErrorEvent) and message.message == bridge_module.ENGINE_STALLED_MESSAGE
+    assert bridge._process.kills == 1  # type: ignore[union-attr]
+    assert bridge.state is EngineState.DOWN and "did not exit" in bridge.status_message
+    assert bridge._sessions == {}
+
+
+def test_a_freeze_of_the_whole_server_is_not_taken_for_a_hung_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the API process was frozen too (a paused container), the engine's silence is not measured across the
+    freeze: its replies may be waiting in the pipe, unread."""
+    bridge, _ = watched_bridge(monkeypatch, stall_seconds=0.5)
+
+    async def freeze_then_answer() -> None:
+        bridge._run_in_background(bridge._watch())
+        await asyncio.sleep(0.1)
+        bridge._replied_at = time.monotonic()
+        time.sleep(1.0)  # the whole process stops: the watch cannot tick either
+        await asyncio.sleep(0.3)  # the watch ticks again; then the engine's pending replies are read
+        bridge._replied_at = time.monotonic()
+        await asyncio.sleep(0.3)
+        for task in list(bridge._tasks):
+            task.cancel()
+
+    asyncio.run(freeze_then_answer())
+    assert bridge._process.kills == 0  # type: ignore[union-attr]
+    assert bridge.state is EngineState.READY
+
+
+def test_the_stall_limit_is_off_or_longer_than_the_heartbeat() -> None:
+    assert Settings(engine_stall_seconds=0).engine_stall_seconds == 0
+    with pytest.raises(ValidationError, match="at least 2 seconds"):
+        Settings(engine_stall_seconds=0.5)
+
+
 def test_a_new_engine_starts_only_after_the_old_one_is_gone(monkeypatch: pytest.MonkeyPatch) -> None:
     """An engine whose replies can no longer be read may still be alive: it is killed (not asked, it may be stuck
     on a full pipe), and the new one spawns only once it exited, so two engines never hold the model at once."""
