@@ -61,6 +61,9 @@ def page(server: str, browser: Browser) -> Iterator[Page]:
     assert errors == [], f"uncaught errors in the page: {errors}"
 
 
+PARAGRAPHS_TASK = "Write three short sentences about the sea, each as its own paragraph."  # steps end early
+
+
 def fill(page: Page, *, key: str = API_KEY, **fields: object) -> None:
     page.locator("details.advanced summary").click()
     page.fill("#api_key", key)
@@ -83,7 +86,7 @@ def test_page_loads_with_labelled_form_and_ready_server(page: Page) -> None:
 
 
 def test_three_workers_fill_their_lanes_and_the_shared_history(page: Page) -> None:
-    fill(page, workers=3, max_tokens=16, temperature=0)
+    fill(page, prompt=PARAGRAPHS_TASK, workers=3, max_tokens=24, temperature=0)
     page.click("#start")
     lanes = page.locator("#lanes .lane")
     expect(lanes).to_have_count(3)
@@ -106,7 +109,7 @@ def test_three_workers_fill_their_lanes_and_the_shared_history(page: Page) -> No
     assert page.inner_text("#answer-text").strip()
     assert int(page.inner_text("#stat-steps")) == history.count()
     counts = [int(count) for count in lanes.locator(".count").all_inner_texts()]
-    assert counts[1:] == [16, 16] and counts[0] > 16, "worker 0 also wrote the finisher's answer, past its budget"
+    assert counts[1:] == [24, 24] and counts[0] > 24, "worker 0 also wrote the finisher's answer, past its budget"
     assert int(page.inner_text("#stat-tokens")) == sum(counts), "the usage chunk gives the exact count"
     assert float(page.inner_text("#stat-rate")) > 0
     prompt, cached = (int(part) for part in page.inner_text("#stat-prompt").split(" · "))
